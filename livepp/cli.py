@@ -1,0 +1,144 @@
+"""Command line: ``livepp generate`` (more commands arrive with later features)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from .events import ErrorEvent
+from .params import GenerationParams, LiveppError
+from .sinks import JsonlSink, event_json
+
+__all__ = ["main"]
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise LiveppError("give a PROMPT argument, or '-' to read the prompt from standard input")
+        return sys.stdin.read()
+    return prompt
+
+
+def _fail(message: str, *, as_json: bool, code: int) -> None:
+    click.echo(f"livepp: error: {message}", err=True)
+    if as_json:
+        click.echo(event_json(ErrorEvent(message)))
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="livepp")
+def main() -> None:
+    """Watch a language model's perplexity live while it generates, and act on it."""
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely tokens (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below MIN_P x the top probability.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", "stop_strings", multiple=True, metavar="TEXT", help="Stop when TEXT appears (repeatable).")
+@click.option("--top-logprobs", type=int, default=5, show_default=True, help="Alternatives reported per token (0 = off).")
+@click.option("--window", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens in the window PPL.")
+@click.option("--stop-ppl", type=float, default=None, metavar="X", help="Stop when the cumulative PPL exceeds X.")
+@click.option("--stop-window-ppl", type=float, default=None, metavar="X", help="Stop when the window PPL exceeds X.")
+@click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Tokens before a stop threshold is checked.")
+@click.option("--patience", type=click.IntRange(min=1), default=1, show_default=True, help="Consecutive tokens over a threshold before stopping.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence (for benchmarks).")
+@click.option("--raw", is_flag=True, help="Send the prompt as raw text, without the chat template.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step (slow first start, faster decoding).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON event per line instead of the live view.")
+def generate(
+    prompt: str | None,
+    model_path: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    seed: int | None,
+    stop_strings: tuple[str, ...],
+    top_logprobs: int,
+    window: int,
+    stop_ppl: float | None,
+    stop_window_ppl: float | None,
+    min_tokens: int,
+    patience: int,
+    ignore_eos: bool,
+    raw: bool,
+    use_compile: bool,
+    as_json: bool,
+) -> None:
+    """Generate a reply to PROMPT ('-' or nothing: read standard input) and
+    show each token coloured by surprisal with live PPL, window PPL and entropy.
+
+    \b
+    Examples:
+      livepp generate "Why is the sky blue?"
+      livepp generate "Tell me a story" --stop-window-ppl 8 --min-tokens 16
+      echo "2+2=" | livepp generate - --raw --max-new-tokens 4 --json
+    """
+    try:
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            stop=tuple(stop_strings),
+            ignore_eos=ignore_eos,
+            top_logprobs=top_logprobs,
+            raw=raw,
+        )
+        policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
+        text = _read_prompt(prompt)
+
+        from .api import as_decoder, generate as run_generate
+
+        decoder = as_decoder(model_path)
+        if use_compile:
+            decoder.compile()
+        if as_json:
+            sinks: list[Any] = [JsonlSink(sys.stdout)]
+        else:
+            from .terminal import TerminalView
+
+            threshold = " or ".join(p.name for p in policies)
+            sinks = [TerminalView(stop_threshold=threshold)]
+        run_generate(text, model=decoder, params=params, policies=policies, sinks=sinks, window=window)
+    except LiveppError as exc:
+        _fail(str(exc), as_json=as_json, code=2)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json=as_json, code=130)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); nothing left to tell anyone.
+        sys.stderr.close()
+        sys.exit(0)
+    except Exception as exc:  # anything unexpected: one line, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_tokens: int, patience: int) -> list[Any]:
+    from .policies import EarlyStop
+
+    policies = []
+    for metric, threshold in (("ppl", stop_ppl), ("window_ppl", stop_window_ppl)):
+        if threshold is None:
+            continue
+        try:
+            policies.append(EarlyStop(threshold, metric=metric, min_tokens=min_tokens, patience=patience))
+        except ValueError as exc:
+            raise LiveppError(f"--stop-{metric.replace('_', '-')}: {exc}") from exc
+    return policies
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

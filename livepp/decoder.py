@@ -1,0 +1,199 @@
+"""KV-cached streaming decoder: prefill once, then one forward pass per token.
+
+The ladder, from the bottom: ``_forward`` runs the model on new ids against
+the KV cache and returns next-token logits; ``next_token_stats`` (sampling.py)
+turns logits into a packed tensor; ``stream`` is a generator that yields one
+:class:`TokenRecord` per token and runs the next forward pass only when the
+consumer asks for the next token. So when a policy stops a generation and
+closes the generator, no further forward pass runs.
+
+``torch.compile`` is applied from outside with :meth:`Decoder.compile`, which
+swaps in a static KV cache and a compiled one-token step; the code of the step
+does not know it is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .detokenize import IncrementalDetokenizer
+from .events import TokenRecord, TopLogprob
+from .models import LoadedModel
+from .params import GenerationParams, LiveppError
+from .sampling import next_token_stats, unpack_stats
+
+__all__ = ["Decoder"]
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(loaded.model, "generation_config", None)
+    for value in (getattr(gen_cfg, "eos_token_id", None), loaded.tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class Decoder:
+    """Streams tokens from a local model with per-token raw-distribution stats."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.context_length = loaded.context_length
+        self.eos_ids = _eos_ids(loaded)
+        self._static_cache: Any = None
+        self._grad_mode = torch.inference_mode
+        self._decode_step = self._forward
+
+    # ---- prompt -----------------------------------------------------------
+    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
+        """Token ids for a prompt; chat models get their chat template unless raw."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LiveppError("the prompt is empty")
+        tok = self.tokenizer
+        if not raw and getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if not isinstance(ids, list):  # some versions return a BatchEncoding
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in tok(prompt, add_special_tokens=True)["input_ids"]]
+
+    def check(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
+        """Reject what cannot run, before any compute."""
+        if not prompt_ids:
+            raise LiveppError("the prompt has no tokens")
+        if len(prompt_ids) >= self.context_length:
+            raise LiveppError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is "
+                f"{self.context_length} tokens (at least one must be left to generate)"
+            )
+        if self._static_cache is not None and len(prompt_ids) >= self._static_cache.max_cache_len:
+            raise LiveppError(
+                f"the prompt has {len(prompt_ids)} tokens but the compiled decoder's cache holds "
+                f"{self._static_cache.max_cache_len}"
+            )
+
+    # ---- model steps ------------------------------------------------------
+    def _new_cache(self) -> Any:
+        if self._static_cache is not None:
+            self._static_cache.reset()
+            return self._static_cache
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
+        # input_ids: [1, T]; cache_position: [T] -> next-token logits [V]
+        out = self.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            cache_position=cache_position,
+            use_cache=True,
+            logits_to_keep=1,  # only the last position's logits are needed
+        )
+        return out.logits[0, -1]
+
+    def compile(self, *, max_cache_len: int = 2048, **compile_kwargs: Any) -> "Decoder":
+        """Opt in to torch.compile: a static KV cache and a compiled decode step.
+
+        The first generation pays the compile time (minutes on a CPU). Greedy
+        results are the same token ids as the eager path.
+        """
+        from transformers import StaticCache
+
+        max_cache_len = min(max_cache_len, self.context_length)
+        self._static_cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+        # Compiled graphs cannot capture inference tensors; no_grad is enough.
+        self._grad_mode = torch.no_grad
+        self._decode_step = torch.compile(self._forward, dynamic=False, **compile_kwargs)
+        return self
+
+    # ---- the generator ----------------------------------------------------
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams) -> Iterator[TokenRecord]:
+        """Yield one record per generated token; the last has ``finish_reason``."""
+        self.check(prompt_ids, params)
+        return self._stream(list(prompt_ids), params)
+
+    def _stream(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
+        generator = None
+        if not params.greedy and params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed)
+        limit = self.context_length
+        if self._static_cache is not None:
+            limit = min(limit, self._static_cache.max_cache_len)
+        # Never run past the context: the last token must fit in it.
+        max_new = min(params.max_new_tokens, limit - len(prompt_ids))
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stop_tail = max((len(s) for s in params.stop), default=0)
+        text_tail = ""
+        cache = self._new_cache()
+
+        with self._grad_mode():
+            n = len(prompt_ids)
+            logits = self._forward(torch.tensor([prompt_ids]), torch.arange(n), cache)
+            stats_tensor = next_token_stats(logits, params, generator)
+        position = n
+        for index in range(max_new):
+            stats = unpack_stats(stats_tensor.tolist())  # the one host sync per token
+            text = detok.add(stats.token_id)
+
+            finish = None
+            if stats.token_id in self.eos_ids and not params.ignore_eos:
+                finish = "eos"
+            elif stop_tail:
+                # Look only at the tail where a stop string could newly appear.
+                text_tail = (text_tail + text)[-(stop_tail + len(text)) :]
+                if any(s in text_tail for s in params.stop):
+                    finish = "stop_string"
+            if finish is None and index + 1 == max_new:
+                finish = "length"
+            if finish is not None:
+                text += detok.finish()
+
+            yield TokenRecord(
+                token_id=stats.token_id,
+                text=text,
+                logprob=stats.logprob,
+                entropy=stats.entropy,
+                top_logprobs=self._alternatives(stats.top),
+                confidence=stats.confidence,
+                sampling_logprob=stats.sampling_logprob,
+                finish_reason=finish,
+            )
+            if finish is not None:
+                return
+            # Only now, after the consumer asked for more, pay for the next token.
+            with self._grad_mode():
+                logits = self._decode_step(
+                    torch.tensor([[stats.token_id]]), torch.tensor([position]), cache
+                )
+                stats_tensor = next_token_stats(logits, params, generator)
+            position += 1
+
+    def _alternatives(self, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
+        decode = self.tokenizer.decode
+        return tuple(TopLogprob(i, decode([i]), lp) for i, lp in top)
+
+    # ---- convenience ------------------------------------------------------
+    @contextlib.contextmanager
+    def count_forward_passes(self) -> Iterator[list[int]]:
+        """Count model forward calls inside the block (for tests and benchmarks)."""
+        counter = [0]
+
+        def hook(*_: Any) -> None:
+            counter[0] += 1
+
+        handle = self.model.register_forward_pre_hook(hook)
+        try:
+            yield counter
+        finally:
+            handle.remove()

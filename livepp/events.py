@@ -1,0 +1,151 @@
+"""Typed records that flow from a token source through the monitor to sinks.
+
+A *token source* yields :class:`TokenRecord` (what the model said and how sure it
+was). The monitor turns each into a :class:`TokenEvent` by adding the tracker's
+running statistics, and frames the stream with a :class:`StartEvent` and an
+:class:`EndEvent`. Every sink sees the same objects and serialises them with
+:func:`to_json_dict`, so the terminal, JSONL and websocket forms never drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+__all__ = [
+    "TopLogprob",
+    "TokenRecord",
+    "StartEvent",
+    "TokenEvent",
+    "PolicyEvent",
+    "EndEvent",
+    "ErrorEvent",
+    "Event",
+    "FinishReason",
+    "to_json_dict",
+]
+
+FinishReason = Literal["eos", "length", "stop_string", "policy", "error", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One alternative from the raw next-token distribution."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """What a token source knows about one generated token.
+
+    ``logprob`` is always under the *raw* distribution (softmax of the
+    unprocessed logits at temperature 1). ``sampling_logprob`` is the log-prob
+    under the processed distribution the sampler drew from (None for greedy).
+    ``confidence`` is DeepConf's token confidence, −mean of the top-k raw
+    logprobs, when the source could compute it. ``finish_reason`` is set on the
+    last record a source produces by itself.
+    """
+
+    token_id: int
+    text: str
+    logprob: float
+    entropy: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    confidence: float | None = None
+    sampling_logprob: float | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartEvent:
+    model: str
+    prompt_token_ids: tuple[int, ...]
+    params: dict[str, Any]
+    type: Literal["start"] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """A token together with the tracker's statistics *after* counting it."""
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    entropy: float | None
+    top_logprobs: tuple[TopLogprob, ...]
+    mean_nll: float
+    ppl: float
+    window_ppl: float
+    ema_nll: float
+    confidence: float | None
+    group_confidence: float | None
+    surprise_z: float | None
+    type: Literal["token"] = "token"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyEvent:
+    policy: str
+    action: Literal["stop", "route", "note"]
+    index: int
+    reason: str
+    type: Literal["policy"] = "policy"
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvent:
+    reason: FinishReason
+    n_tokens: int
+    text: str
+    mean_nll: float
+    ppl: float
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    type: Literal["end"] = "end"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    message: str
+    type: Literal["error"] = "error"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Event = Union[StartEvent, TokenEvent, PolicyEvent, EndEvent, ErrorEvent]
+
+
+def _json_float(x: float | None) -> float | None:
+    # JSON has no inf/nan; a PPL can legitimately overflow to inf (a token of
+    # probability 0 under fp32), so those become null rather than invalid JSON.
+    if x is None or math.isfinite(x):
+        return x
+    return None
+
+
+def to_json_dict(event: Event) -> dict[str, Any]:
+    """The one JSON form of an event, with ``type`` first."""
+    out: dict[str, Any] = {"type": event.type}
+    for f in dataclasses.fields(event):
+        if f.name in ("type", "extra"):
+            continue
+        value = getattr(event, f.name)
+        if f.name == "top_logprobs":
+            value = [
+                {"token_id": t.token_id, "text": t.text, "logprob": _json_float(t.logprob)}
+                for t in value
+            ]
+        elif f.name == "prompt_token_ids":
+            value = list(value)
+        elif isinstance(value, float):
+            value = _json_float(value)
+        out[f.name] = value
+    if isinstance(event, ErrorEvent):
+        out.update(event.extra)
+    return out

@@ -1,0 +1,155 @@
+"""The monitor joins a token source to the tracker, the policies and the sinks.
+
+It is the only place where the pieces meet, and data moves one way: each
+record from the source updates the tracker, becomes a :class:`TokenEvent`,
+goes to every sink, and is then shown to the policies. A stop closes the
+source at once (for the local decoder: no further forward pass; for a remote
+stream: the upstream request is closed). The ``end`` event is always emitted,
+also when the source raises, so a consumer never waits for it in vain.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+from .events import EndEvent, Event, PolicyEvent, StartEvent, TokenEvent, TokenRecord
+from .policies import Policy, run_policies
+from .tracker import Tracker
+
+__all__ = ["Sink", "Monitor", "Result"]
+
+
+class Sink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class Result:
+    """What a monitored generation produced, for API users."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.token_ids: list[int] = []
+        self.end: EndEvent | None = None
+
+    @property
+    def text(self) -> str:
+        return self.end.text if self.end else ""
+
+    @property
+    def tokens(self) -> list[TokenEvent]:
+        return [e for e in self.events if isinstance(e, TokenEvent)]
+
+
+class Monitor:
+    """Runs one generation through the tracker and policies, emitting events.
+
+    ``tracker_factory`` builds a fresh tracker per run (window sizes etc.);
+    policies are reset at the start of each run.
+    """
+
+    def __init__(
+        self,
+        *,
+        policies: Sequence[Policy] = (),
+        sinks: Sequence[Sink] = (),
+        tracker_factory: Callable[[], Tracker] = Tracker,
+        keep_events: bool = True,
+    ) -> None:
+        self.policies = list(policies)
+        self.sinks = list(sinks)
+        self.tracker_factory = tracker_factory
+        self.keep_events = keep_events
+
+    def _emit(self, event: Event, result: Result) -> None:
+        if self.keep_events:
+            result.events.append(event)
+        for sink in self.sinks:
+            sink.emit(event)
+
+    def run(
+        self,
+        source: Iterable[TokenRecord],
+        *,
+        model: str = "",
+        prompt_token_ids: Sequence[int] = (),
+        params: dict[str, Any] | None = None,
+    ) -> Result:
+        result = Result()
+        tracker = self.tracker_factory()
+        for policy in self.policies:
+            policy.reset()
+        self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {})), result)
+
+        pieces: list[str] = []
+        reason = "length"
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        iterator: Iterator[TokenRecord] = iter(source)
+        try:
+            for index, record in enumerate(iterator):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                tracker.update(record.logprob, entropy=record.entropy, confidence=record.confidence)
+                pieces.append(record.text)
+                result.token_ids.append(record.token_id)
+                event = self._token_event(index, record, tracker)
+                self._emit(event, result)
+                stop = None
+                for decision in run_policies(self.policies, event, tracker):
+                    self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason), result)
+                    if decision.action != "note":
+                        stop = decision
+                if stop is not None:
+                    reason = "policy"
+                    break
+                if record.finish_reason is not None:
+                    reason = record.finish_reason
+                    break
+        except KeyboardInterrupt:
+            reason = "shutdown"
+            raise
+        except BaseException:
+            reason = "error"
+            raise
+        finally:
+            # Closing the generator tells the source to stop computing now.
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            ended = time.perf_counter()
+            first = first_token_at if first_token_at is not None else ended
+            decode_s = ended - first
+            n = tracker.n
+            end = EndEvent(
+                reason=reason,  # type: ignore[arg-type]
+                n_tokens=n,
+                text="".join(pieces),
+                mean_nll=tracker.mean_nll if n else float("nan"),
+                ppl=tracker.ppl if n else float("nan"),
+                prefill_s=first - started,
+                decode_s=decode_s,
+                # Decode-phase rate: tokens after the first over the time after it.
+                tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            )
+            result.end = end
+            self._emit(end, result)
+        return result
+
+    @staticmethod
+    def _token_event(index: int, record: TokenRecord, tracker: Tracker) -> TokenEvent:
+        return TokenEvent(
+            index=index,
+            token_id=record.token_id,
+            text=record.text,
+            logprob=record.logprob,
+            entropy=record.entropy,
+            top_logprobs=record.top_logprobs,
+            mean_nll=tracker.mean_nll,
+            ppl=tracker.ppl,
+            window_ppl=tracker.window_ppl,
+            ema_nll=tracker.ema_nll,
+            confidence=record.confidence,
+            group_confidence=tracker.group_confidence,
+            surprise_z=tracker.surprise_z,
+        )
