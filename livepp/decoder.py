@@ -49,6 +49,7 @@ class Decoder:
         self.context_length = loaded.context_length
         self.eos_ids = _eos_ids(loaded)
         self._static_cache: Any = None
+        self._cache_len = 0
         self._grad_mode = torch.inference_mode
         self._decode_step = self._forward
 
@@ -76,10 +77,10 @@ class Decoder:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                 f"{self.context_length} tokens (at least one must be left to generate)"
             )
-        if self._static_cache is not None and len(prompt_ids) >= self._static_cache.max_cache_len:
+        if self._static_cache is not None and len(prompt_ids) >= self._cache_len:
             raise LiveppError(
                 f"the prompt has {len(prompt_ids)} tokens but the compiled decoder's cache holds "
-                f"{self._static_cache.max_cache_len}"
+                f"{self._cache_len}"
             )
 
     # ---- model steps ------------------------------------------------------
@@ -111,6 +112,7 @@ class Decoder:
         from transformers import StaticCache
 
         max_cache_len = min(max_cache_len, self.context_length)
+        self._cache_len = max_cache_len
         self._static_cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
         # Compiled graphs cannot capture inference tensors; no_grad is enough.
         self._grad_mode = torch.no_grad
@@ -129,7 +131,7 @@ class Decoder:
             generator = torch.Generator().manual_seed(params.seed)
         limit = self.context_length
         if self._static_cache is not None:
-            limit = min(limit, self._static_cache.max_cache_len)
+            limit = min(limit, self._cache_len)
         # Never run past the context: the last token must fit in it.
         max_new = min(params.max_new_tokens, limit - len(prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer)
