@@ -140,5 +140,13 @@ def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_t
     return policies
 
 
+def _register_commands() -> None:
+    from .score_cli import score
+
+    main.add_command(score)
+
+
+_register_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,309 @@
+"""Teacher-forced scoring of given text: PPL of a text, of a target given a
+prompt, and of long documents with sliding windows.
+
+One rule for the first token, everywhere: when the tokenizer defines a BOS
+token, it is put before the text and every text token is scored (the first
+one conditioned on BOS alone); when it defines none, the first token has no
+context and is not scored. :attr:`ScoreResult.first_token_rule` says which.
+
+Sliding windows follow Hugging Face's "perplexity of fixed-length models"
+recipe exactly: windows of ``max_length`` tokens starting every ``stride``
+tokens; each window scores only the tokens the previous window did not
+reach, each with as much left context as its window holds, and the first
+token of a window is never scored by that window (nothing in it predicts it).
+So ``stride == max_length`` gives independent chunks, and the corpus value is
+the token-weighted mean NLL. Unlike the guide's loop, only the logits of the
+scored positions are computed (``logits_to_keep``), and several windows can
+share one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .models import LoadedModel
+from .params import LiveppError
+
+__all__ = [
+    "ScoredToken",
+    "ScoreResult",
+    "Window",
+    "plan_windows",
+    "score_ids",
+    "score_text",
+    "score_target",
+    "text_ids",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredToken:
+    token_id: int
+    text: str
+    logprob: float
+    entropy: float
+
+
+@dataclass
+class ScoreResult:
+    """Scores of a token sequence. ``tokens`` holds only the scored tokens."""
+
+    tokens: list[ScoredToken]
+    first_token_rule: str
+    windows: int = 1
+    max_length: int | None = None
+    stride: int | None = None
+    forced_windows: bool = False
+    straddling_token: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def sum_nll(self) -> float:
+        return math.fsum(-t.logprob for t in self.tokens)
+
+    @property
+    def mean_nll(self) -> float:
+        return self.sum_nll / self.n_tokens if self.tokens else math.nan
+
+    @property
+    def ppl(self) -> float:
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:
+            return math.inf
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.mean_nll / math.log(2)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "n_tokens": self.n_tokens,
+            "mean_nll": self.mean_nll,
+            "ppl": self.ppl,
+            "bits_per_token": self.bits_per_token,
+            "first_token_rule": self.first_token_rule,
+            "windows": self.windows,
+        }
+        if self.max_length is not None:
+            out |= {"max_length": self.max_length, "stride": self.stride, "forced_windows": self.forced_windows}
+        if self.straddling_token is not None:
+            out["straddling_token"] = self.straddling_token
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Tokens ``[begin, end)`` go in; positions ``[score_from, end)`` are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def plan_windows(n: int, max_length: int, stride: int) -> list[Window]:
+    """The guide's windows over a sequence of ``n`` token positions."""
+    if max_length < 2:
+        raise LiveppError(f"max_length must be >= 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise LiveppError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    windows = []
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        score_from = max(prev_end, begin + 1)
+        if score_from < end:
+            windows.append(Window(begin, end, score_from))
+        prev_end = end
+        if end == n:
+            break
+    return windows
+
+
+def _bos_rule(tokenizer: Any) -> tuple[list[int], str]:
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        return [int(bos)], f"every token scored; the first is conditioned on BOS {tokenizer.bos_token!r}"
+    return [], "the first token is not scored (the tokenizer has no BOS token to condition it on)"
+
+
+def text_ids(loaded: LoadedModel, text: str) -> tuple[list[int], int, str]:
+    """Ids to score a text: (ids, index of the first scored position, rule)."""
+    if not isinstance(text, str) or not text.strip():
+        raise LiveppError("the text to score is empty")
+    prefix, rule = _bos_rule(loaded.tokenizer)
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return prefix + [int(i) for i in ids], 1, rule
+
+
+@torch.inference_mode()
+def _score_windows(
+    loaded: LoadedModel,
+    ids: list[int],
+    windows: Sequence[Window],
+    *,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+) -> dict[int, tuple[float, float]]:
+    """{position: (logprob, entropy)} for every scored position of every window."""
+    model = loaded.model
+    out: dict[int, tuple[float, float]] = {}
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        length = max(w.end - w.begin for w in batch)
+        # Window-relative position p's logits predict token p+1, so a window
+        # needs logits from score_from-1 to end-2. Keeping the last `keep`
+        # positions of the padded batch covers every row's need.
+        first_needed = min(w.score_from - 1 - w.begin for w in batch)
+        keep = length - first_needed
+        # Right padding needs no attention mask: under causal attention real
+        # positions never see the pad tokens that come after them.
+        rows = [ids[w.begin : w.end] + [0] * (length - (w.end - w.begin)) for w in batch]
+        logits = model(input_ids=torch.tensor(rows), use_cache=False, logits_to_keep=keep).logits
+        for row, w in enumerate(batch):
+            lo = (w.score_from - 1 - w.begin) - first_needed
+            hi = (w.end - 1 - w.begin) - first_needed
+            logprobs = torch.log_softmax(logits[row, lo:hi].float(), dim=-1)
+            target = torch.tensor(ids[w.score_from : w.end])
+            chosen = logprobs.gather(1, target[:, None])[:, 0]
+            p = logprobs.exp()
+            entropy = -torch.where(p > 0, p * logprobs, 0.0).sum(-1)
+            for pos, lp, ent in zip(range(w.score_from, w.end), chosen.tolist(), entropy.tolist()):
+                out[pos] = (lp, ent)
+        if progress is not None:
+            progress(len(batch))
+    return out
+
+
+def score_ids(
+    loaded: LoadedModel,
+    ids: list[int],
+    *,
+    score_from: int = 1,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 1,
+    first_token_rule: str = "",
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> ScoreResult:
+    """Score positions ``score_from..len(ids)-1`` of ``ids`` teacher-forced.
+
+    Without ``max_length`` the whole sequence is one window, unless it is
+    longer than the model's context: then windows of the context length with
+    half-context stride are forced, and the result says so.
+    """
+    if batch_size < 1:
+        raise LiveppError(f"batch_size must be >= 1, got {batch_size}")
+    if len(ids) < 2 or score_from >= len(ids):
+        raise LiveppError("nothing to score: the text has no token that can be scored")
+    context = loaded.context_length
+    forced = False
+    notes = []
+    if max_length is None:
+        if len(ids) <= context:
+            max_length = len(ids)
+            stride = max_length
+        else:
+            forced = True
+            max_length, stride = context, context // 2
+            notes.append(
+                f"{len(ids)} tokens exceed the model's context of {context}: "
+                f"scored with sliding windows of {max_length}, stride {stride}"
+            )
+    elif max_length > context:
+        raise LiveppError(f"max_length {max_length} exceeds the model's context of {context} tokens")
+    if stride is None:
+        stride = max_length
+    windows = plan_windows(len(ids), max_length, stride)
+    if on_plan is not None:
+        on_plan(len(windows))
+    scored = _score_windows(loaded, ids, windows, batch_size=batch_size, progress=progress)
+    decode = loaded.tokenizer.decode
+    tokens = [
+        ScoredToken(ids[pos], decode([ids[pos]]), *scored[pos])
+        for pos in range(max(score_from, 1), len(ids))
+        if pos in scored
+    ]
+    whole = len(windows) == 1 and windows[0].begin == 0 and windows[0].end == len(ids)
+    return ScoreResult(
+        tokens=tokens,
+        first_token_rule=first_token_rule,
+        windows=len(windows),
+        max_length=None if whole and not forced else max_length,
+        stride=None if whole and not forced else stride,
+        forced_windows=forced,
+        notes=notes,
+    )
+
+
+def score_text(loaded: LoadedModel, text: str, **options: Any) -> ScoreResult:
+    """PPL of a text (see the module docstring for the first-token rule)."""
+    ids, first, rule = text_ids(loaded, text)
+    return score_ids(loaded, ids, score_from=first, first_token_rule=rule, **options)
+
+
+def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = False, **options: Any) -> ScoreResult:
+    """PPL of ``target`` given ``prompt``, the LightLLM recipe.
+
+    Prompt and target are tokenized together (so the target is tokenized as
+    it would be in context), the target's tokens are found by character
+    offsets, and only those are scored. A token that starts in the prompt and
+    ends in the target straddles the boundary: it is scored as a target token
+    (it carries target characters) and reported in ``straddling_token``.
+    With ``chat``, the prompt is wrapped as a user turn in the chat template
+    and the target is the assistant's reply.
+    """
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise LiveppError("the prompt is empty")
+    if not isinstance(target, str) or not target.strip():
+        raise LiveppError("the target is empty or only whitespace")
+    tok = loaded.tokenizer
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise LiveppError("--chat: this model's tokenizer has no chat template")
+        prefix_text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prefix_ids: list[int] = []
+        rule = "the chat template supplies the context; only target tokens are scored"
+    else:
+        prefix_text = prompt
+        prefix_ids, _ = _bos_rule(tok)
+        rule = "only target tokens are scored, each conditioned on " + ("BOS, " if prefix_ids else "") + "the prompt and the target before it"
+    full = prefix_text + target
+    boundary = len(prefix_text)
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = prefix_ids + [int(i) for i in enc["input_ids"]]
+    offsets = [(0, 0)] * len(prefix_ids) + [tuple(o) for o in enc["offset_mapping"]]
+    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary and i >= len(prefix_ids)), None)
+    if first is None:
+        raise LiveppError("the target produced no tokens")
+    if first == 0:
+        raise LiveppError("the target starts the sequence, so its first token has no context; give a prompt")
+    straddle = None
+    s, e = offsets[first]
+    if s < boundary:
+        straddle = {
+            "index": first - len(prefix_ids),
+            "token_id": ids[first],
+            "text": full[s:e],
+            "prompt_part": full[s:boundary],
+            "target_part": full[boundary:e],
+        }
+    result = score_ids(loaded, ids, score_from=first, first_token_rule=rule, **options)
+    result.straddling_token = straddle
+    if straddle is not None:
+        result.notes.append(
+            f"token {straddle['text']!r} straddles the prompt/target boundary "
+            f"({straddle['prompt_part']!r} | {straddle['target_part']!r}); it is scored as a target token"
+        )
+    return result
