@@ -11,6 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "generate": "api",
+    "greedy_token_scores": "api",
+    "score_text": "scoring",
+    "score_target": "scoring",
+    "score_ids": "scoring",
+    "ScoreResult": "scoring",
     "Decoder": "decoder",
     "load_model": "models",
     "LoadedModel": "models",
@@ -53,7 +58,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import generate
+    from .api import generate, greedy_token_scores
+    from .scoring import ScoreResult, score_ids, score_target, score_text
     from .decoder import Decoder
     from .events import (EndEvent, ErrorEvent, PolicyEvent, StartEvent, TokenEvent,
                          TokenRecord, TopLogprob, to_json_dict)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from .decoder import Decoder
 from .models import LoadedModel, load_model
@@ -12,7 +12,10 @@ from .params import GenerationParams
 from .policies import Policy
 from .tracker import Tracker
 
-__all__ = ["generate", "as_decoder"]
+if TYPE_CHECKING:
+    from .scoring import ScoreResult
+
+__all__ = ["generate", "as_decoder", "greedy_token_scores"]
 
 
 def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None) -> Decoder:
@@ -59,3 +62,28 @@ def generate(
         "confidence_window": confidence_window,
     }
     return monitor.run(source, model=decoder.loaded.name, prompt_token_ids=prompt_ids, params=run_params)
+
+
+def greedy_token_scores(
+    prompt: str,
+    *,
+    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    max_new_tokens: int = 256,
+    raw: bool = False,
+) -> "ScoreResult":
+    """Generate greedily and return every generated token with its logprob.
+
+    The LMDeploy recipe does this in two passes (generate, then score
+    prompt+answer teacher-forced); the decoder already has the raw
+    logprob of each token it picks, so one pass gives the same numbers.
+    """
+    from .scoring import ScoredToken, ScoreResult
+
+    decoder = as_decoder(model)
+    params = GenerationParams(max_new_tokens=max_new_tokens, raw=raw, top_logprobs=0, confidence_k=0)
+    prompt_ids = decoder.encode(prompt, raw=raw)
+    tokens = [
+        ScoredToken(r.token_id, r.text, r.logprob, r.entropy if r.entropy is not None else float("nan"))
+        for r in decoder.stream(prompt_ids, params)
+    ]
+    return ScoreResult(tokens=tokens, first_token_rule="generated tokens only, each conditioned on the prompt and the tokens before it")

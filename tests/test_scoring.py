@@ -202,3 +202,17 @@ def test_cli_errors(loaded, tmp_path):
     assert r.exit_code == 2 and "x.jsonl:2: not valid JSON" in r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["type"] == "error"
     assert "--stride needs --max-length" in run("-", "--stride", "3", input="hi there").stderr
+
+
+def test_greedy_token_scores_equal_two_pass_recipe(loaded):
+    from livepp import greedy_token_scores
+
+    decoder = Decoder(loaded)
+    result = greedy_token_scores("What is the capital of Italy?", model=decoder, max_new_tokens=12)
+    prompt_ids = decoder.encode("What is the capital of Italy?")
+    answer = [t.token_id for t in result.tokens]
+    # The LMDeploy two-pass recipe: score prompt + greedy answer teacher-forced.
+    two_pass = score_ids(loaded, prompt_ids + answer, score_from=len(prompt_ids))
+    assert [t.token_id for t in two_pass.tokens] == answer
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(result.tokens, two_pass.tokens)) <= 1e-4
+    assert result.ppl == pytest.approx(two_pass.ppl, rel=1e-4)
