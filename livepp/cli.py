@@ -141,9 +141,11 @@ def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_t
 
 
 def _register_commands() -> None:
+    from .car_cli import calibrate_cmd, replay_cmd, route_cmd
     from .score_cli import score
 
-    main.add_command(score)
+    for command in (score, calibrate_cmd, route_cmd, replay_cmd):
+        main.add_command(command)
 
 
 _register_commands()

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 from .events import TokenEvent
+from .params import LiveppError
 from .tracker import Tracker
+
+if TYPE_CHECKING:
+    from .car import Calibration
 
 __all__ = [
     "Action",
@@ -24,6 +28,11 @@ __all__ = [
     "CONTINUE",
     "Policy",
     "EarlyStop",
+    "SpikeAlert",
+    "ConfidenceStop",
+    "CARRouter",
+    "warmup_threshold",
+    "parse_policy",
     "run_policies",
 ]
 
@@ -127,3 +136,146 @@ def run_policies(policies: Iterable[Policy], event: TokenEvent, tracker: Tracker
         if decision.action != "note":
             break
     return said
+
+
+class SpikeAlert:
+    """Note (never stop) tokens whose NLL is ``z`` standard deviations above
+    the mean NLL of the tokens before them (the tracker's ``surprise_z``)."""
+
+    def __init__(self, z: float = 3.0, *, min_tokens: int = 8) -> None:
+        if not z > 0:
+            raise ValueError(f"z must be > 0, got {z}")
+        self.z = z
+        self.min_tokens = min_tokens
+        self.name = f"SpikeAlert(z>{z:g})"
+
+    def reset(self) -> None:
+        pass
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        zs = tracker.surprise_z
+        if tracker.n < self.min_tokens or zs is None or zs <= self.z:
+            return CONTINUE
+        return Decision("note", self.name, f"surprise spike: token {event.text!r} nll {tracker.last_nll:.2f}, z = {zs:.1f}")
+
+
+def warmup_threshold(lowest_group_confidences: Sequence[float], keep_percent: float) -> float:
+    """DeepConf online threshold from warm-up traces, "keep the most confident eta %".
+
+    Definition used by livepp: the threshold is the value that ``keep_percent``
+    percent of the warm-up traces reach or exceed with their *lowest* group
+    confidence, i.e. the (100 − keep_percent)-th percentile of those values
+    (linear interpolation between order statistics). keep_percent = 10 keeps
+    only the 10 % most confident traces (DeepConf-low); 90 keeps almost all
+    (DeepConf-high). A trace is then stopped as soon as its group confidence
+    falls *below* the threshold.
+    """
+    values = sorted(float(v) for v in lowest_group_confidences)
+    if not values:
+        raise LiveppError("need at least one warm-up trace to set a confidence threshold")
+    if not 0 < keep_percent <= 100:
+        raise LiveppError(f"keep_percent must be in (0, 100], got {keep_percent}")
+    q = (100.0 - keep_percent) / 100.0 * (len(values) - 1)
+    lo = math.floor(q)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (q - lo)
+
+
+class ConfidenceStop:
+    """DeepConf online: stop when the group confidence (mean token confidence
+    over the tracker's ``confidence_window``) falls below ``threshold``.
+
+    Not checked before ``min_tokens`` tokens (default: once the first group
+    is full, as DeepConf does). Set ``threshold`` directly, or build with
+    :meth:`from_warmup` from the lowest group confidences of warm-up traces.
+    """
+
+    def __init__(self, threshold: float, *, min_tokens: int | None = None) -> None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        self.threshold = threshold
+        self.min_tokens = min_tokens
+        self.name = f"ConfidenceStop(group_confidence<{threshold:.4g})"
+
+    @classmethod
+    def from_warmup(cls, lowest_group_confidences: Sequence[float], *, keep_percent: float = 10.0, min_tokens: int | None = None) -> "ConfidenceStop":
+        return cls(warmup_threshold(lowest_group_confidences, keep_percent), min_tokens=min_tokens)
+
+    def reset(self) -> None:
+        pass
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        g = tracker.group_confidence
+        needed = self.min_tokens if self.min_tokens is not None else tracker.confidence_window
+        if g is None or tracker.n < needed or g >= self.threshold:
+            return CONTINUE
+        return Decision("stop", self.name, f"group confidence {g:.3f} < {self.threshold:.4g} after {tracker.n} tokens")
+
+
+class CARRouter:
+    """CAR decision on a short answer's running PPL.
+
+    At the end of the short answer the caller asks :meth:`decide`. With
+    ``early=True`` the router also acts live: once ``min_tokens`` tokens are
+    in, as soon as the running PPL makes "incorrect" more probable than the
+    threshold allows (P(correct | ppl) < threshold), it returns ``route`` and
+    the short answer is not finished.
+    """
+
+    def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int = 2) -> None:
+        self.calibration = calibration
+        self.early = early
+        self.min_tokens = min_tokens
+        self.name = "CARRouter"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, ppl: float) -> Decision:
+        p = self.calibration.posterior_correct(ppl)
+        verdict = f"P(correct | PPL {ppl:.3f}) = {p:.3f} vs threshold {self.calibration.threshold:g}"
+        if p < self.calibration.threshold:
+            return Decision("route", self.name, verdict + ": route to long reasoning")
+        return Decision("continue", self.name, verdict + ": keep the short answer")
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        if not self.early or tracker.n < self.min_tokens:
+            return CONTINUE
+        decision = self.decide(tracker.ppl)
+        return decision if decision.action == "route" else CONTINUE
+
+
+_SPECS: dict[str, Any] = {
+    "early-stop": (EarlyStop, {"threshold": float, "metric": str, "min_tokens": int, "patience": int}),
+    "spike": (SpikeAlert, {"z": float, "min_tokens": int}),
+    "confidence-stop": (ConfidenceStop, {"threshold": float, "min_tokens": int}),
+}
+
+
+def parse_policy(spec: str) -> Policy:
+    """Build a policy from ``NAME[:key=value,...]``.
+
+    Names: ``early-stop`` (threshold, metric, min_tokens, patience),
+    ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens).
+    Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``.
+    """
+    name, _, rest = spec.strip().partition(":")
+    if name not in _SPECS:
+        raise LiveppError(f"unknown policy {name!r} in {spec!r}; known: {', '.join(_SPECS)}")
+    cls, types = _SPECS[name]
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise LiveppError(f"policy {name}: bad option {item!r}; options: {', '.join(types)}")
+        try:
+            kwargs[key] = types[key](value.strip())
+        except ValueError:
+            raise LiveppError(f"policy {name}: {key} must be a {types[key].__name__}, got {value!r}") from None
+    if name != "spike" and "threshold" not in kwargs:
+        raise LiveppError(f"policy {name} needs threshold=..., e.g. {name}:threshold=8")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise LiveppError(f"policy {spec!r}: {exc}") from exc

@@ -1,0 +1,208 @@
+"""`livepp calibrate`, `livepp route` and `livepp replay`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .params import LiveppError
+
+__all__ = ["calibrate_cmd", "route_cmd", "replay_cmd", "DEFAULT_CALIBRATION"]
+
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration-smollm2-135m.json"
+
+
+def _fail(message: str, as_json: bool, code: int) -> None:
+    from .cli import _fail as fail
+
+    fail(message, as_json=as_json, code=code)
+
+
+def _num(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+@click.command("calibrate")
+@click.argument("data")
+@click.option("--out", "out_path", required=True, metavar="FILE", help="Where to write the calibration JSON.")
+@click.option("--report", "report_dir", metavar="DIR", help="Write reliability.png, histograms.png and labelled.jsonl here (default: beside --out).")
+@click.option("--model", "model_path", metavar="PATH", help="Model to calibrate (default: the embedded model).")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Route when P(correct | PPL) is below this.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N questions.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_new_tokens, as_json) -> None:
+    """Fit CAR's PPL model on labelled questions.
+
+    DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
+    lines, or a built-in task: builtin:TASK[:SPLIT] with TASK one of sums,
+    products, two-digit-sums, units, capitals, mixed and SPLIT calib (default)
+    or eval (disjoint halves).
+
+    \b
+    Examples:
+      livepp calibrate builtin:sums --out calib.json
+      livepp calibrate my_questions.jsonl --out calib.json --report report/
+    """
+    try:
+        from .api import as_decoder
+        from .calibrate import calibrate, label_short_answers, write_labelled, write_report
+        from .tasks import load_questions
+
+        questions = load_questions(data, limit=limit)
+        decoder = as_decoder(model_path)
+        err = click.get_text_stream("stderr")
+
+        def progress(i: int, item: Any) -> None:
+            mark = "✓" if item.correct else "✗"
+            err.write(f"\r[{i + 1}/{len(questions)}] {mark} PPL {item.ppl:7.3f}  {item.question[:50]:<50}")
+            err.flush()
+
+        labelled = label_short_answers(decoder, questions, max_new_tokens=max_new_tokens, progress=progress)
+        err.write("\n")
+        out = Path(out_path)
+        report = Path(report_dir or out.parent / f"{out.stem}-report")
+        kept = write_labelled(labelled, report / "labelled.jsonl")
+        try:
+            cal = calibrate(labelled, model=decoder.loaded.name, threshold=threshold)
+        except LiveppError as exc:
+            raise LiveppError(f"{exc} (the labelled answers are saved in {kept})") from exc
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cal.save(out)
+        files = write_report(cal, labelled, report)
+        if as_json:
+            click.echo(json.dumps({"type": "calibration", **{k: _num(v) for k, v in cal.to_dict().items()}, "files": [str(f) for f in files]}))
+            return
+        n = len(labelled)
+        click.echo(f"{n} questions · {cal.n_correct} correct ({100 * cal.n_correct / n:.0f}%) · {cal.n_incorrect} incorrect")
+        click.echo(f"AUROC of PPL as a predictor of error: {cal.auroc:.3f} (0.5 = chance) · ECE {cal.ece:.3f}")
+        click.echo(f"fitted on {cal.space}: {cal.why_space}")
+        click.echo(f"correct: mean {cal.mean_correct:.3f}, var {cal.var_correct:.4f} · incorrect: mean {cal.mean_incorrect:.3f}, var {cal.var_incorrect:.4f} · prior {cal.prior_correct:.2f}")
+        click.echo(f"wrote {out} and {', '.join(str(f) for f in files)}")
+    except LiveppError as exc:
+        _fail(str(exc), as_json, 2)
+
+
+@click.command("route")
+@click.argument("question", required=False)
+@click.option("--calibration", "calibration_path", metavar="FILE", help="Calibration from `livepp calibrate` (default: the shipped one for the embedded model).")
+@click.option("--early", is_flag=True, help="Route as soon as the running PPL makes 'incorrect' more likely.")
+@click.option("--model", "model_path", metavar="PATH", help="Model for the short answer (default: embedded).")
+@click.option("--long-model", "long_model_path", metavar="PATH", help="Model for the long stage (default: the same model).")
+@click.option("--long-route", type=click.Choice(["step", "vote"]), default="step", show_default=True, help="step: step-by-step reasoning; vote: majority of sampled short answers.")
+@click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
+def route_cmd(question, calibration_path, early, model_path, long_model_path, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
+    """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
+    model is unsure, long reasoning instead.
+
+    \b
+    Examples:
+      livepp route "What is 7 * 8?"
+      livepp route "What is 47 + 38?" --early --json
+      livepp route "What is 47 + 38?" --calibration calib.json --long-model big.gguf
+    """
+    try:
+        from .api import as_decoder
+        from .car import Calibration
+        from .routing import StepByStep, Vote, route
+        from .sinks import JsonlSink
+
+        if question is None or question == "-":
+            if question is None and sys.stdin.isatty():
+                raise LiveppError("give a QUESTION argument, or '-' to read it from standard input")
+            question = sys.stdin.read()
+        if not question.strip():
+            raise LiveppError("the question is empty")
+        cal = Calibration.load(calibration_path or DEFAULT_CALIBRATION)
+        decoder = as_decoder(model_path)
+        if cal.model != decoder.loaded.name:
+            click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {decoder.loaded.name!r}; "
+                       f"its PPL scale may not fit this model (run livepp calibrate)", err=True)
+        long_decoder = as_decoder(long_model_path) if long_model_path else decoder
+        long = StepByStep(long_decoder, max_new_tokens=long_max_tokens) if long_route == "step" else Vote(long_decoder)
+
+        class Staged(JsonlSink):
+            def __init__(self, stage: str) -> None:
+                super().__init__(sys.stdout)
+                self.stage = stage
+
+            def emit(self, event: Any) -> None:
+                from .events import to_json_dict
+
+                self.stream.write(json.dumps({**to_json_dict(event), "stage": self.stage}, ensure_ascii=False) + "\n")
+                self.stream.flush()
+
+        def sinks_for(stage: str) -> list[Any]:
+            if as_json:
+                return [Staged(stage)]
+            from .terminal import TerminalView
+
+            click.echo(click.style(f"── {stage} answer ──", bold=True))
+            return [TerminalView()]
+
+        def on_decision(outcome: Any) -> None:
+            d = outcome.decision_dict()
+            if as_json:
+                click.echo(json.dumps({k: _num(v) for k, v in d.items()}))
+            else:
+                verdict = "route to long reasoning" + (" (early, short answer not finished)" if outcome.early else "") if outcome.routed else "keep the short answer"
+                click.echo(click.style(
+                    f"decision: PPL {outcome.ppl:.3f} → P(correct) {outcome.posterior:.3f} vs threshold {outcome.threshold:g}: {verdict}", fg="yellow", bold=True))
+
+        outcome = route(question, decoder=decoder, calibration=cal, long_route=long, early=early,
+                        short_max_new_tokens=short_max_tokens, sinks_for=sinks_for, on_decision=on_decision)
+        a = outcome.answer_dict()
+        if as_json:
+            click.echo(json.dumps(a, ensure_ascii=False))
+        else:
+            click.echo(click.style(f"answer ({a['stage']}): {a['text'].strip()}", bold=True))
+            click.echo(f"tokens: short {a['tokens_short']} + long {a['tokens_long']} = {a['tokens_total']}")
+    except LiveppError as exc:
+        _fail(str(exc), as_json, 2)
+
+
+@click.command("replay")
+@click.argument("traces")
+@click.option("--policy", "specs", multiple=True, required=True, metavar="SPEC",
+              help="NAME[:key=value,...], e.g. early-stop:threshold=8,metric=window_ppl,min_tokens=16 (repeatable).")
+@click.option("--json", "as_json", is_flag=True)
+def replay_cmd(traces, specs, as_json) -> None:
+    """Run recorded `livepp generate --json` traces through other policies.
+
+    Reports, per policy, where it would have fired, the tokens it would have
+    saved and, for traces labelled with "correct", how many correct answers it
+    keeps and how many wrong ones it cuts short.
+
+    \b
+    Examples:
+      livepp replay traces.jsonl --policy early-stop:threshold=6 --policy confidence-stop:threshold=9
+      livepp replay traces.jsonl --policy spike:z=3 --json
+    """
+    try:
+        from .policies import parse_policy
+        from .replay import read_traces, replay
+
+        for spec in specs:
+            parse_policy(spec)  # reject bad specs before any work
+        loaded = read_traces(traces)
+        for spec in specs:
+            report = replay(loaded, spec, lambda: parse_policy(spec))
+            if as_json:
+                click.echo(json.dumps({"type": "replay", **report.to_dict()}))
+                continue
+            line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
+                    f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")
+            if report.labelled:
+                line += (f" · correct kept {report.correct_kept}/{report.correct_total}"
+                         f" · incorrect stopped {report.incorrect_stopped}/{report.incorrect_total}")
+            click.echo(line)
+            click.echo("  fired at token: " + ", ".join("–" if i is None else str(i) for i in report.fired_at))
+    except LiveppError as exc:
+        _fail(str(exc), as_json, 2)

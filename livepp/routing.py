@@ -1,0 +1,167 @@
+"""CAR routing: a short answer first, long reasoning only when its PPL says so.
+
+1. The model answers briefly (``SHORT_PROMPT``) while the monitor tracks PPL.
+2. The calibration turns the short answer's PPL into P(correct | PPL).
+3. Below the threshold the question goes to a *long route*; otherwise the
+   short answer is returned. With ``early=True`` the :class:`CARRouter`
+   policy routes during the short answer, without finishing it.
+
+The long route is pluggable because step-by-step prompting is not always
+better (it is not for a 135M model): :class:`StepByStep` (same or another
+model, e.g. ``--long-model``) or :class:`Vote` (several sampled short answers,
+majority vote).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+from .car import Calibration
+from .decoder import Decoder
+from .monitor import Monitor, Result, Sink
+from .params import GenerationParams, LiveppError
+from .policies import CARRouter
+from .tasks import last_number
+
+__all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "RouteOutcome", "short_answer", "route"]
+
+SHORT_PROMPT = "{question} Answer briefly."
+LONG_PROMPT = "{question}\nThink step by step, then give the final answer on the last line."
+
+
+@dataclass
+class LongAnswer:
+    text: str
+    n_tokens: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class LongRoute(Protocol):
+    name: str
+
+    def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer: ...
+
+
+def _run(decoder: Decoder, prompt: str, params: GenerationParams, sinks: Sequence[Sink], policies: Sequence[Any] = ()) -> Result:
+    ids = decoder.encode(prompt)
+    source = decoder.stream(ids, params)
+    return Monitor(policies=policies, sinks=sinks).run(
+        source, model=decoder.loaded.name, prompt_token_ids=ids, params=params.to_dict()
+    )
+
+
+class StepByStep:
+    """Ask for step-by-step reasoning, on the same or another model."""
+
+    def __init__(self, decoder: Decoder, *, max_new_tokens: int = 256) -> None:
+        self.decoder = decoder
+        self.max_new_tokens = max_new_tokens
+        self.name = f"step-by-step({decoder.loaded.name})"
+
+    def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
+        params = GenerationParams(max_new_tokens=self.max_new_tokens)
+        result = _run(self.decoder, LONG_PROMPT.format(question=question), params, sinks)
+        assert result.end is not None
+        return LongAnswer(result.text, result.end.n_tokens, {"ppl": result.end.ppl, "reason": result.end.reason})
+
+
+def _vote_key(text: str) -> str:
+    number = last_number(text)
+    return f"{number:g}" if number is not None else " ".join(text.lower().split()).strip(" .!")
+
+
+class Vote:
+    """Sample ``n`` short answers and return the most common one."""
+
+    def __init__(self, decoder: Decoder, *, n: int = 5, temperature: float = 0.7, max_new_tokens: int = 24, seed: int = 0) -> None:
+        if n < 2:
+            raise LiveppError("a vote needs at least 2 samples")
+        self.decoder, self.n, self.temperature, self.max_new_tokens, self.seed = decoder, n, temperature, max_new_tokens, seed
+        self.name = f"vote({n}x{decoder.loaded.name})"
+
+    def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
+        texts, tokens = [], 0
+        for i in range(self.n):
+            params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed + i)
+            result = _run(self.decoder, SHORT_PROMPT.format(question=question), params, sinks)
+            texts.append(result.text)
+            tokens += result.end.n_tokens if result.end else 0
+        counts = Counter(_vote_key(t) for t in texts)
+        winner, votes = counts.most_common(1)[0]
+        text = next(t for t in texts if _vote_key(t) == winner)
+        return LongAnswer(text, tokens, {"votes": votes, "samples": texts})
+
+
+@dataclass
+class RouteOutcome:
+    question: str
+    short: Result
+    ppl: float
+    posterior: float
+    threshold: float
+    routed: bool
+    early: bool
+    long_route: str | None = None
+    long: LongAnswer | None = None
+
+    @property
+    def answer(self) -> str:
+        return self.long.text if self.long is not None else self.short.text
+
+    @property
+    def tokens_short(self) -> int:
+        return self.short.end.n_tokens if self.short.end else 0
+
+    @property
+    def tokens_long(self) -> int:
+        return self.long.n_tokens if self.long is not None else 0
+
+    def decision_dict(self) -> dict[str, Any]:
+        return {
+            "type": "route", "ppl": self.ppl, "posterior_correct": self.posterior, "threshold": self.threshold,
+            "decision": "long" if self.routed else "short", "early": self.early, "long_route": self.long_route,
+        }
+
+    def answer_dict(self) -> dict[str, Any]:
+        return {
+            "type": "answer", "text": self.answer, "stage": "long" if self.routed else "short",
+            "tokens_short": self.tokens_short, "tokens_long": self.tokens_long,
+            "tokens_total": self.tokens_short + self.tokens_long,
+        }
+
+
+def short_answer(decoder: Decoder, question: str, *, max_new_tokens: int = 24, sinks: Sequence[Sink] = (), policies: Sequence[Any] = ()) -> Result:
+    """The short answer, greedy, with its PPL tracked live."""
+    if not isinstance(question, str) or not question.strip():
+        raise LiveppError("the question is empty")
+    return _run(decoder, SHORT_PROMPT.format(question=question.strip()), GenerationParams(max_new_tokens=max_new_tokens), sinks, policies)
+
+
+def route(
+    question: str,
+    *,
+    decoder: Decoder,
+    calibration: Calibration,
+    long_route: LongRoute | None = None,
+    early: bool = False,
+    short_max_new_tokens: int = 24,
+    sinks_for: Callable[[str], Sequence[Sink]] = lambda stage: (),
+    on_decision: Callable[[RouteOutcome], None] | None = None,
+) -> RouteOutcome:
+    """Answer ``question`` by CAR routing (see the module docstring)."""
+    router = CARRouter(calibration, early=early)
+    short = short_answer(decoder, question, max_new_tokens=short_max_new_tokens, sinks=sinks_for("short"), policies=[router])
+    assert short.end is not None
+    routed_early = short.end.reason == "policy"
+    ppl = short.end.ppl
+    posterior = calibration.posterior_correct(ppl)
+    routed = routed_early or posterior < calibration.threshold
+    long_route = long_route or StepByStep(decoder)
+    outcome = RouteOutcome(question, short, ppl, posterior, calibration.threshold, routed, routed_early, long_route.name if routed else None)
+    if on_decision is not None:
+        on_decision(outcome)
+    if routed:
+        outcome.long = long_route.run(question.strip(), sinks_for("long"))
+    return outcome
