@@ -56,7 +56,7 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
 
         questions = load_questions(data, limit=limit)
         decoder = as_decoder(model_path)
-        err = click.get_text_stream("stderr")
+        err = sys.stderr
 
         def progress(i: int, item: Any) -> None:
             mark = "✓" if item.correct else "✗"
@@ -162,7 +162,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
         if as_json:
             click.echo(json.dumps(a, ensure_ascii=False))
         else:
-            click.echo(click.style(f"answer ({a['stage']}): {a['text'].strip()}", bold=True))
+            click.echo(click.style(f"answer ({a['answer_from']}): {a['text'].strip()}", bold=True))
             click.echo(f"tokens: short {a['tokens_short']} + long {a['tokens_long']} = {a['tokens_total']}")
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)

@@ -126,7 +126,7 @@ class RouteOutcome:
 
     def answer_dict(self) -> dict[str, Any]:
         return {
-            "type": "answer", "text": self.answer, "stage": "long" if self.routed else "short",
+            "type": "answer", "text": self.answer, "answer_from": "long" if self.routed else "short",
             "tokens_short": self.tokens_short, "tokens_long": self.tokens_long,
             "tokens_total": self.tokens_short + self.tokens_long,
         }
