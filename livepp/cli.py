@@ -143,8 +143,9 @@ def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_t
 def _register_commands() -> None:
     from .car_cli import calibrate_cmd, replay_cmd, route_cmd
     from .score_cli import score
+    from .serve_cli import serve_cmd
 
-    for command in (score, calibrate_cmd, route_cmd, replay_cmd):
+    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd):
         main.add_command(command)
 
 

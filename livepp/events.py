@@ -27,7 +27,7 @@ __all__ = [
     "to_json_dict",
 ]
 
-FinishReason = Literal["eos", "length", "stop_string", "policy", "error", "shutdown"]
+FinishReason = Literal["eos", "length", "stop_string", "policy", "error", "shutdown", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LiveppError", "GenerationParams"]
+__all__ = ["LiveppError", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS"]
+
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 class LiveppError(ValueError):
@@ -39,7 +41,7 @@ class GenerationParams:
     the reported ``logprob``, which is always under the raw distribution.
     """
 
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

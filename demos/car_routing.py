@@ -1,0 +1,121 @@
+"""CAR routing on the embedded model: calibrate on one split, evaluate on another.
+
+    python demos/car_routing.py [--tasks sums,products] [--limit 30] [--long-tokens 96] [--vote]
+
+For each task: calibrate on its ``calib`` half, then on the disjoint ``eval``
+half compare short answers only, long (step-by-step) answers only, CAR
+(short, routed to long when P(correct | PPL) < 0.5) and CAR --early (routed
+during the short answer). Prints accuracy and generated tokens for each, and
+the AUROC of short-answer PPL as a predictor of error on the eval half.
+With --vote, also CAR with a 5-sample majority vote as the long route.
+
+Work is shared where the result is the same by construction: greedy long
+answers are deterministic, so CAR reuses the long-only answer of each routed
+question, and CAR --early replays each recorded short trace through the
+live router (replay stops at the same token as live decoding; tested).
+Long traces are saved, labelled, to demos/out/long_traces.jsonl for
+demos/early_stop.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from livepp import Decoder, load_model
+from livepp.calibrate import calibrate, label_short_answers
+from livepp.car import auroc
+from livepp.events import TokenRecord, to_json_dict
+from livepp.monitor import Monitor
+from livepp.policies import CARRouter
+from livepp.routing import SHORT_PROMPT, StepByStep, Vote, short_answer
+from livepp.tasks import answer_matches, builtin_split
+
+OUT = Path(__file__).parent / "out"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events = []
+
+    def emit(self, event) -> None:
+        self.events.append(event)
+
+
+def early_route_tokens(short_result, router: CARRouter) -> int | None:
+    """Replay a short answer through the early router: tokens spent before it routes, or None."""
+    records = [TokenRecord(e.token_id, e.text, e.logprob, e.entropy, e.top_logprobs, e.confidence) for e in short_result.tokens]
+    result = Monitor(policies=[router]).run(iter(records))
+    return result.end.n_tokens if result.end.reason == "policy" else None
+
+
+def run_task(decoder: Decoder, task: str, limit: int, long_tokens: int, vote: bool, traces_out) -> None:
+    calib_qs = builtin_split(task, "calib")[:limit]
+    eval_qs = builtin_split(task, "eval")[:limit]
+    print(f"\n=== {task}: calibrate on {len(calib_qs)} questions, evaluate on {len(eval_qs)} others ===", flush=True)
+    cal = calibrate(label_short_answers(decoder, calib_qs), model=decoder.loaded.name)
+    print(f"calibration: {cal.n_correct} correct / {cal.n_incorrect} incorrect, fitted on {cal.space}, AUROC (calib) {cal.auroc:.3f}", flush=True)
+
+    long_route = StepByStep(decoder, max_new_tokens=long_tokens)
+    rows = {name: [0, 0] for name in ("short only", "long only", "CAR", "CAR --early")}
+    if vote:
+        rows["CAR, vote long route"] = [0, 0]
+        voter = Vote(decoder, n=5)
+    short_ppl, short_wrong, routed = [], [], 0
+    for i, q in enumerate(eval_qs):
+        short = short_answer(decoder, q.question)
+        s_ok = answer_matches(short.text, q.answers)
+        s_tok = short.end.n_tokens
+        rec = Recorder()
+        long = long_route.run(q.question, [rec])
+        l_ok = answer_matches(long.text, q.answers)
+        for e in rec.events:
+            row = to_json_dict(e) | ({"correct": l_ok} if e.type in ("start", "end") else {})
+            traces_out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        route = cal.should_route(short.end.ppl)
+        routed += route
+        early_at = early_route_tokens(short, CARRouter(cal, early=True))
+        short_ppl.append(short.end.ppl)
+        short_wrong.append(not s_ok)
+        for name, ok, tokens in (
+            ("short only", s_ok, s_tok),
+            ("long only", l_ok, long.n_tokens),
+            ("CAR", l_ok if route else s_ok, s_tok + (long.n_tokens if route else 0)),
+            ("CAR --early", l_ok if (early_at or route) else s_ok,
+             (early_at if early_at else s_tok) + (long.n_tokens if (early_at or route) else 0)),
+        ):
+            rows[name][0] += ok
+            rows[name][1] += tokens
+        if vote:
+            v = voter.run(q.question, []) if route else None
+            rows["CAR, vote long route"][0] += answer_matches(v.text, q.answers) if v else s_ok
+            rows["CAR, vote long route"][1] += s_tok + (v.n_tokens if v else 0)
+        print(f"  [{i + 1}/{len(eval_qs)}] short {'✓' if s_ok else '✗'} PPL {short.end.ppl:.3f} "
+              f"P(correct) {cal.posterior_correct(short.end.ppl):.2f} → {'long' if route else 'short'}; long {'✓' if l_ok else '✗'}", flush=True)
+
+    n = len(eval_qs)
+    print(f"\n{task}: {n} eval questions, CAR routed {routed} ({100 * routed / n:.0f}%)")
+    print(f"  {'strategy':<22} {'accuracy':>9} {'tokens':>8} {'tokens/question':>16}")
+    for name, (ok, tokens) in rows.items():
+        print(f"  {name:<22} {ok:>4}/{n:<4} {tokens:>8} {tokens / n:>16.1f}")
+    print(f"  AUROC of short-answer PPL as a predictor of error (eval half): {auroc(short_ppl, short_wrong):.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="sums,products")
+    ap.add_argument("--limit", type=int, default=30)
+    ap.add_argument("--long-tokens", type=int, default=96)
+    ap.add_argument("--vote", action="store_true")
+    args = ap.parse_args()
+    decoder = Decoder(load_model())
+    OUT.mkdir(exist_ok=True)
+    print(f"short prompt: {SHORT_PROMPT!r}; long route: step-by-step, at most {args.long_tokens} tokens; greedy")
+    with (OUT / "long_traces.jsonl").open("w", encoding="utf-8") as traces_out:
+        for task in args.tasks.split(","):
+            run_task(decoder, task.strip(), args.limit, args.long_tokens, args.vote, traces_out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`livepp serve`: the websocket service and live page."""
+
+from __future__ import annotations
+
+import asyncio
+
+import click
+
+from .params import LiveppError
+
+__all__ = ["serve_cmd"]
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0 picks a free port.")
+@click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
+@click.option("--token", default=None, help="Require this secret: ws://HOST:PORT/ws?token=... or 'Authorization: Bearer ...'.")
+@click.option("--max-new-tokens-cap", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--max-requests-per-connection", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, allowed_origins) -> None:
+    """Serve the live page at / , the websocket API at /ws and /healthz.
+
+    \b
+    Examples:
+      livepp serve                      # then open http://127.0.0.1:8765/
+      livepp serve --port 0 --token s3cret
+    """
+    from .cli import _fail
+
+    try:
+        from .api import as_decoder
+        from .server import LiveppServer, ServerConfig, serve_forever
+
+        decoder = as_decoder(model_path)
+        config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
+                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins))
+        server = LiveppServer(decoder, config)
+
+        def ready(bound: int) -> None:
+            click.echo(f"livepp: serving {decoder.loaded.name} on http://{host}:{bound}/ (websocket /ws, health /healthz); Ctrl-C stops", err=True)
+
+        asyncio.run(serve_forever(server, ready=ready))
+        click.echo("livepp: stopped", err=True)
+    except LiveppError as exc:
+        _fail(str(exc), as_json=False, code=2)
+    except OSError as exc:
+        _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", as_json=False, code=2)

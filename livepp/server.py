@@ -1,0 +1,322 @@
+"""`livepp serve`: a websocket endpoint, a live page, and a health check.
+
+One model per process. Generations run in worker threads, but every step
+that touches the model (prompt encoding, each token's forward pass) goes
+through one FIFO :class:`ModelRunner`, so concurrent requests interleave token
+by token and the model is never used by two threads at once. Each event is
+handed to the client's :class:`Outbox` through the event loop; the outbox
+coalesces token events for slow readers and never drops ``end``.
+
+Protocol (JSON text messages on ``/ws``):
+  → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...]}
+  → {"type":"cancel","id":str}
+  ← start / token / policy / end events as ``livepp generate --json``, each with "id"
+  ← {"type":"error","id":str|null,"code":str,"message":str}; the connection stays open
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import json
+import secrets
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.exceptions import ConnectionClosed
+
+from .decoder import Decoder
+from .events import Event, TokenRecord, to_json_dict
+from .monitor import Monitor
+from .outbox import Outbox
+from .params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
+from .policies import parse_policy
+
+__all__ = ["ServerConfig", "ModelRunner", "LiveppServer", "serve_forever"]
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    max_new_tokens_cap: int = 1024
+    max_requests_per_connection: int = 4
+    max_message_bytes: int = 64 * 1024
+    outbox_limit: int = 256
+    allowed_origins: tuple[str, ...] = ()
+    window: int = 32
+
+
+class ModelRunner:
+    """Runs model steps one at a time, first come first served."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepp-model")
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        return self._pool.submit(fn, *args).result()
+
+    def iterate(self, source: Iterator[TokenRecord]) -> Iterator[TokenRecord]:
+        """Pull ``source`` through the runner, one token per turn."""
+        sentinel = object()
+        try:
+            while True:
+                record = self.call(next, source, sentinel)
+                if record is sentinel:
+                    return
+                yield record
+        finally:
+            # Closing the decoder generator ends it without another forward pass.
+            self.call(source.close)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _ClientError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)  # identity, so jobs can live in a set
+class Job:
+    id: str
+    stop_reason: str | None = None
+    done: asyncio.Future | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _OutboxSink:
+    """Sends monitor events to a client's outbox, tagged with the request id."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox, request_id: str) -> None:
+        self.loop, self.outbox, self.request_id = loop, outbox, request_id
+
+    def emit(self, event: Event) -> None:
+        data = to_json_dict(event)
+        data["id"] = self.request_id
+        self.loop.call_soon_threadsafe(self.outbox.put, data)
+
+
+def _page() -> str:
+    return resources.files("livepp").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+class LiveppServer:
+    def __init__(self, decoder: Decoder, config: ServerConfig) -> None:
+        self.decoder = decoder
+        self.config = config
+        self.runner = ModelRunner()
+        self.jobs: set[Job] = set()
+        self.outboxes: set[Outbox] = set()
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="livepp-job")
+        self._shutting_down = False
+        self._page = _page()
+
+    # ---- HTTP side: page, health, auth and origin checks -----------------
+    def process_request(self, connection: Any, request: Any) -> Any:
+        url = urlsplit(request.path)
+        if url.path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if url.path in ("/", "/index.html"):
+            response = connection.respond(200, self._page)
+            # respond() always says text/plain, and assigning a header appends.
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
+            return response
+        if url.path != "/ws":
+            return connection.respond(404, "not found\n")
+        origin = request.headers.get("Origin")
+        own = f"http://{request.headers.get('Host', '')}"
+        if origin is not None and origin != own and origin not in self.config.allowed_origins:
+            return connection.respond(403, f"origin {origin} not allowed\n")
+        if self.config.token is not None:
+            given = parse_qs(url.query).get("token", [None])[0]
+            auth = request.headers.get("Authorization", "")
+            if auth.startswith("Bearer "):
+                given = auth[len("Bearer "):]
+            if given is None or not secrets.compare_digest(given, self.config.token):
+                return connection.respond(401, "missing or wrong token\n")
+        return None
+
+    # ---- websocket side --------------------------------------------------
+    async def handler(self, ws: Any) -> None:
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(self.config.outbox_limit)
+        self.outboxes.add(outbox)
+        jobs: dict[str, Job] = {}
+
+        async def send_loop() -> None:
+            while True:
+                event = await outbox.get()
+                await ws.send(json.dumps(event, ensure_ascii=False))
+
+        sender = asyncio.create_task(send_loop())
+        try:
+            async for message in ws:
+                try:
+                    self._dispatch(message, jobs, outbox, loop)
+                except _ClientError as exc:
+                    request_id = exc.__dict__.get("request_id")
+                    outbox.put({"type": "error", "id": request_id, "code": exc.code, "message": str(exc)})
+                except Exception as exc:  # a bug of ours: say so, keep the connection
+                    traceback.print_exc(file=sys.stderr)
+                    outbox.put({"type": "error", "id": None, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        except ConnectionClosed:
+            pass  # a dropped connection ends the loop; the jobs are stopped below
+        finally:
+            for job in jobs.values():
+                job.stop_reason = job.stop_reason or "cancelled"
+            pending = [j.done for j in jobs.values() if j.done is not None]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # Let queued events (every end) go out while the socket is open.
+            while len(outbox) and ws.state.name == "OPEN":
+                await asyncio.sleep(0.01)
+            sender.cancel()
+            self.outboxes.discard(outbox)
+
+    def _dispatch(self, message: Any, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        if isinstance(message, bytes):
+            raise _ClientError("bad_message", "send JSON text messages, not binary")
+        if len(message.encode("utf-8")) > self.config.max_message_bytes:
+            raise _ClientError("message_too_large", f"messages are limited to {self.config.max_message_bytes} bytes")
+        try:
+            data = json.loads(message)
+        except json.JSONDecodeError as exc:
+            raise _ClientError("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        if not isinstance(data, dict):
+            raise _ClientError("bad_message", "a message must be a JSON object")
+        kind = data.get("type")
+        request_id = data.get("id")
+        try:
+            if kind == "generate":
+                self._start_generate(data, jobs, outbox, loop)
+            elif kind == "cancel":
+                job = jobs.get(request_id) if isinstance(request_id, str) else None
+                if job is None:
+                    raise _ClientError("unknown_id", f"no running request with id {request_id!r}")
+                job.stop_reason = "cancelled"
+            else:
+                raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate or cancel")
+        except _ClientError as exc:
+            exc.__dict__["request_id"] = request_id if isinstance(request_id, str) else None
+            raise
+
+    def _start_generate(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        request_id, prompt = data.get("id"), data.get("prompt")
+        if not isinstance(request_id, str) or not request_id:
+            raise _ClientError("bad_message", "generate needs a non-empty string id")
+        if request_id in jobs:
+            raise _ClientError("duplicate_id", f"request {request_id!r} is still running")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _ClientError("bad_params", "prompt must be a non-empty string")
+        if len(jobs) >= self.config.max_requests_per_connection:
+            raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
+        try:
+            raw_params = data.get("params") or {}
+            if isinstance(raw_params, dict) and "max_new_tokens" not in raw_params:
+                # An unstated length defaults within this server's cap.
+                raw_params = raw_params | {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens_cap)}
+            params = GenerationParams.from_dict(raw_params)
+            specs = data.get("policies") or []
+            if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                raise LiveppError("policies must be a list of policy specs such as 'early-stop:threshold=8'")
+            [parse_policy(s) for s in specs]
+        except (LiveppError, TypeError) as exc:
+            raise _ClientError("bad_params", str(exc)) from None
+        if params.max_new_tokens > self.config.max_new_tokens_cap:
+            raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {self.config.max_new_tokens_cap}")
+        if self._shutting_down:
+            raise _ClientError("shutting_down", "the server is shutting down")
+        job = Job(request_id)
+        jobs[request_id] = job
+        self.jobs.add(job)
+        sink = _OutboxSink(loop, outbox, request_id)
+        job.done = loop.run_in_executor(self._workers, self._run_job, job, prompt, params, specs, sink)
+
+        def finished(_: Any) -> None:
+            jobs.pop(request_id, None)
+            self.jobs.discard(job)
+
+        job.done.add_done_callback(finished)
+
+    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: _OutboxSink) -> None:
+        """Worker thread: one generation, every model step through the runner."""
+        decoder = self.decoder
+        try:
+            prompt_ids = self.runner.call(functools.partial(decoder.encode, prompt, raw=params.raw))
+            source = decoder.stream(prompt_ids, params)  # validates before compute
+        except LiveppError as exc:
+            code = "prompt_too_long" if "context" in str(exc) else "bad_params"
+            sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": code, "message": str(exc)})
+            return
+        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
+        try:
+            monitor.run(
+                self.runner.iterate(source),
+                model=decoder.loaded.name,
+                prompt_token_ids=prompt_ids,
+                params=params.to_dict() | {"window": 32},
+                should_stop=lambda: job.stop_reason,
+            )
+        except Exception as exc:  # the end event (reason "error") has been sent
+            sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+
+    async def shutdown(self) -> None:
+        """Stop every running generation with reason "shutdown" and wait for their ends."""
+        self._shutting_down = True
+        for job in list(self.jobs):
+            job.stop_reason = "shutdown"
+        pending = [j.done for j in list(self.jobs) if j.done is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.runner.shutdown()
+
+
+async def serve_forever(
+    server: LiveppServer,
+    *,
+    ready: Any = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM), then shut down cleanly:
+    running generations end with reason "shutdown" and their end events are
+    sent before connections close. ``ready(port)`` is called once listening."""
+    from websockets.asyncio.server import serve
+
+    config = server.config
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests) or not supported here
+    # Frames above max_size close the connection at the protocol level; the
+    # smaller max_message_bytes is checked per message with an error event.
+    async with serve(
+        server.handler,
+        config.host,
+        config.port,
+        process_request=server.process_request,
+        max_size=max(1 << 20, 4 * config.max_message_bytes),
+    ) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        if ready is not None:
+            ready(port)
+        await stop.wait()
+        await server.shutdown()
+        # Let the last end events reach the sockets before connections close.
+        for _ in range(500):
+            if not any(len(o) for o in server.outboxes):
+                break
+            await asyncio.sleep(0.01)
