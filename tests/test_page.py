@@ -1,0 +1,86 @@
+"""The live page in a real headless Chromium: tokens stream in and the chart moves."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from test_server import RunningServer
+
+pytestmark = pytest.mark.model
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.fail("the page test needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="livepp-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def chart_signature(driver):
+    # A cheap fingerprint of the canvas pixels, to see that the chart redraws.
+    return driver.execute_script("return document.getElementById('chart').toDataURL().length")
+
+
+def test_page_streams_tokens_and_updates_chart(decoder, browser):
+    server = RunningServer(decoder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        empty_chart = chart_signature(browser)
+        browser.find_element("id", "max").clear()
+        browser.find_element("id", "max").send_keys("40")
+        browser.find_element("id", "thr").send_keys("50")
+        browser.find_element("id", "go").click()
+        wait_for(lambda: len(browser.find_elements("css selector", "#answer span.t")) >= 5, "tokens on the page")
+        mid_chart = chart_signature(browser)
+        wait_for(lambda: "end:" in browser.find_element("id", "log").text, "the end event", timeout=120)
+        spans = browser.find_elements("css selector", "#answer span.t")
+        n_tokens = int(browser.find_element("id", "s-n").text)
+        assert len(spans) == n_tokens > 5
+        assert browser.find_element("id", "s-ppl").text not in ("", "–")
+        assert spans[0].get_attribute("style").startswith("background")
+        assert chart_signature(browser) != empty_chart and mid_chart != empty_chart
+        ARTIFACTS.mkdir(exist_ok=True)
+        # Hover a token so the screenshot shows the tooltip with alternatives.
+        from selenium.webdriver import ActionChains
+
+        ActionChains(browser).move_to_element(spans[min(3, len(spans) - 1)]).perform()
+        time.sleep(0.2)
+        assert "logprob" in browser.find_element("id", "tip").text
+        browser.save_screenshot(str(ARTIFACTS / "page.png"))
+    finally:
+        server.stop()
+
+
+def wait_for(condition, what, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if condition():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
