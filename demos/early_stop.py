@@ -17,6 +17,7 @@ from pathlib import Path
 
 from livepp.policies import ConfidenceStop, EarlyStop
 from livepp.replay import read_traces, replay
+from livepp.tracker import Tracker
 
 DEFAULT = Path(__file__).parent / "out" / "long_traces.jsonl"
 
@@ -29,16 +30,28 @@ def main() -> None:
     labelled = [t for t in traces if t.correct is not None]
     n_ok = sum(bool(t.correct) for t in labelled)
     print(f"{len(traces)} traces, {sum(len(t.records) for t in traces)} tokens, {len(labelled)} labelled ({n_ok} correct)\n")
-    print(f"{'policy':<44} {'fired':>6} {'tokens saved':>14} {'correct lost':>13} {'wrong stopped':>14}")
+    # DeepConf thresholds come from warm-up traces: here the first half of
+    # the traces is the warm-up set and every row is scored on all of them.
+    lows = [lowest_group_confidence(t) for t in traces[: len(traces) // 2]]
     sweeps = [(f"EarlyStop(window_ppl > {x:g}, min 16, patience 2)", lambda x=x: EarlyStop(x, metric="window_ppl", min_tokens=16, patience=2))
-              for x in (1.5, 2, 2.5, 3, 4, 6)]
-    sweeps += [(f"EarlyStop(ppl > {x:g}, min 16)", lambda x=x: EarlyStop(x, metric="ppl", min_tokens=16)) for x in (1.5, 2, 3)]
-    sweeps += [(f"ConfidenceStop(group conf < {x:g})", lambda x=x: ConfidenceStop(x)) for x in (8, 10, 12, 14)]
+              for x in (1.6, 1.8, 2.0, 2.2, 2.5, 3.0)]
+    sweeps += [(f"EarlyStop(ppl > {x:g}, min 16)", lambda x=x: EarlyStop(x, metric="ppl", min_tokens=16)) for x in (1.6, 1.8, 2.0, 2.5)]
+    for keep in (95, 90, 75, 50):
+        stop = ConfidenceStop.from_warmup(lows, keep_percent=keep)
+        sweeps.append((f"ConfidenceStop(keep {keep}%: conf < {stop.threshold:.3f})", lambda t=stop.threshold: ConfidenceStop(t)))
+    print(f"{'policy':<52} {'fired':>7} {'tokens saved':>14} {'correct lost':>13} {'wrong stopped':>14}")
     for name, make in sweeps:
         r = replay(traces, name, make)
         lost = r.correct_total - r.correct_kept
-        print(f"{name:<44} {r.fired:>3}/{r.traces:<3} {r.tokens_saved:>6} ({100 * r.tokens_saved / r.tokens_total:4.1f}%) "
+        print(f"{name:<52} {r.fired:>3}/{r.traces:<3} {r.tokens_saved:>6} ({100 * r.tokens_saved / r.tokens_total:4.1f}%) "
               f"{lost:>6}/{r.correct_total:<6} {r.incorrect_stopped:>7}/{r.incorrect_total:<6}")
+
+
+def lowest_group_confidence(trace) -> float:
+    tracker = Tracker()
+    for r in trace.records:
+        tracker.update(r.logprob, entropy=r.entropy, confidence=r.confidence)
+    return tracker.lowest_group_confidence
 
 
 if __name__ == "__main__":
