@@ -94,11 +94,13 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
 @click.option("--early", is_flag=True, help="Route as soon as the running PPL makes 'incorrect' more likely.")
 @click.option("--model", "model_path", metavar="PATH", help="Model for the short answer (default: embedded).")
 @click.option("--long-model", "long_model_path", metavar="PATH", help="Model for the long stage (default: the same model).")
+@click.option("--long-remote", metavar="URL", help="Take the long stage to an OpenAI-compatible engine (with --long-remote-model).")
+@click.option("--long-remote-model", metavar="NAME", help="Model name at --long-remote.")
 @click.option("--long-route", type=click.Choice(["step", "vote"]), default="step", show_default=True, help="step: step-by-step reasoning; vote: majority of sampled short answers.")
 @click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
-def route_cmd(question, calibration_path, early, model_path, long_model_path, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
+def route_cmd(question, calibration_path, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
     """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
     model is unsure, long reasoning instead.
 
@@ -107,6 +109,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
       livepp route "What is 7 * 8?"
       livepp route "What is 47 + 38?" --early --json
       livepp route "What is 47 + 38?" --calibration calib.json --long-model big.gguf
+      livepp route "..." --long-remote http://127.0.0.1:8000/v1 --long-remote-model Qwen2.5-7B
     """
     try:
         from .api import as_decoder
@@ -125,7 +128,14 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
         if cal.model != decoder.loaded.name:
             click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {decoder.loaded.name!r}; "
                        f"its PPL scale may not fit this model (run livepp calibrate)", err=True)
-        long_decoder = as_decoder(long_model_path) if long_model_path else decoder
+        if long_remote is not None:
+            from .remote import OpenAISource
+
+            if long_model_path or not long_remote_model:
+                raise LiveppError("--long-remote needs --long-remote-model and excludes --long-model")
+            long_decoder: Any = OpenAISource(long_remote, long_remote_model)
+        else:
+            long_decoder = as_decoder(long_model_path) if long_model_path else decoder
         long = StepByStep(long_decoder, max_new_tokens=long_max_tokens) if long_route == "step" else Vote(long_decoder)
 
         class Staged(JsonlSink):

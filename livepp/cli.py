@@ -55,6 +55,11 @@ def main() -> None:
 @click.option("--raw", is_flag=True, help="Send the prompt as raw text, without the chat template.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step (slow first start, faster decoding).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON event per line instead of the live view.")
+@click.option("--remote", metavar="URL", help="Monitor an OpenAI-compatible engine instead, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--remote-model", metavar="NAME", help="Model name to ask the remote engine for.")
+@click.option("--remote-api", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the remote engine.")
 def generate(
     prompt: str | None,
     model_path: str | None,
@@ -75,6 +80,11 @@ def generate(
     raw: bool,
     use_compile: bool,
     as_json: bool,
+    remote: str | None,
+    remote_model: str | None,
+    remote_api: str,
+    api_key_env: str | None,
+    timeout: float,
 ) -> None:
     """Generate a reply to PROMPT ('-' or nothing: read standard input) and
     show each token coloured by surprisal with live PPL, window PPL and entropy.
@@ -100,12 +110,6 @@ def generate(
         )
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
         text = _read_prompt(prompt)
-
-        from .api import as_decoder, generate as run_generate
-
-        decoder = as_decoder(model_path)
-        if use_compile:
-            decoder.compile()
         if as_json:
             sinks: list[Any] = [JsonlSink(sys.stdout)]
         else:
@@ -113,6 +117,14 @@ def generate(
 
             threshold = " or ".join(p.name for p in policies)
             sinks = [TerminalView(stop_threshold=threshold)]
+        if remote is not None:
+            _generate_remote(text, remote, remote_model, remote_api, api_key_env, timeout, params, policies, sinks, window)
+            return
+        from .api import as_decoder, generate as run_generate
+
+        decoder = as_decoder(model_path)
+        if use_compile:
+            decoder.compile()
         run_generate(text, model=decoder, params=params, policies=policies, sinks=sinks, window=window)
     except LiveppError as exc:
         _fail(str(exc), as_json=as_json, code=2)
@@ -124,6 +136,25 @@ def generate(
         sys.exit(0)
     except Exception as exc:  # anything unexpected: one line, not a traceback
         _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+def _generate_remote(text, url, model, api, api_key_env, timeout, params, policies, sinks, window) -> None:
+    import os
+
+    from .monitor import Monitor
+    from .remote import OpenAISource
+    from .tracker import Tracker
+
+    if not model:
+        raise LiveppError("--remote needs --remote-model NAME")
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
+    source = OpenAISource(url, model, api=api, api_key=api_key, timeout=timeout)
+    monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window))
+    monitor.run(source.stream(text, params), model=model, params=params.to_dict() | {"remote": url, "api": api, "window": window})
 
 
 def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_tokens: int, patience: int) -> list[Any]:

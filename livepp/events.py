@@ -108,6 +108,9 @@ class EndEvent:
     prefill_s: float
     decode_s: float
     tokens_per_s: float
+    # Remote streams: tokens that had already arrived when a policy stopped
+    # the stream and were not consumed (None for the local decoder).
+    tokens_after_stop: int | None = None
     type: Literal["end"] = "end"
 
 

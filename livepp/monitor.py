@@ -129,7 +129,7 @@ class Monitor:
                     reason = record.finish_reason
                     break
             else:
-                reason = result.stopped_by or reason
+                reason = result.stopped_by or getattr(iterator, "finish_reason", None) or reason
         except KeyboardInterrupt:
             reason = "shutdown"
             raise
@@ -141,6 +141,7 @@ class Monitor:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
+            after_stop = getattr(iterator, "tokens_after_stop", None)
             ended = time.perf_counter()
             first = first_token_at if first_token_at is not None else ended
             decode_s = ended - first
@@ -155,6 +156,7 @@ class Monitor:
                 decode_s=decode_s,
                 # Decode-phase rate: tokens after the first over the time after it.
                 tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                tokens_after_stop=after_stop,
             )
             result.end = end
             self._emit(end, result)

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, Union
 
 from .car import Calibration
 from .decoder import Decoder
 from .monitor import Monitor, Result, Sink
 from .params import GenerationParams, LiveppError
 from .policies import CARRouter
+from .remote import OpenAISource
 from .tasks import last_number
 
 __all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "RouteOutcome", "short_answer", "route"]
@@ -44,21 +45,34 @@ class LongRoute(Protocol):
     def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer: ...
 
 
-def _run(decoder: Decoder, prompt: str, params: GenerationParams, sinks: Sequence[Sink], policies: Sequence[Any] = ()) -> Result:
-    ids = decoder.encode(prompt)
-    source = decoder.stream(ids, params)
+# An engine is the local decoder or a remote OpenAI-compatible endpoint, so a
+# small local model can answer briefly and a bigger remote one can reason.
+Engine = Union[Decoder, OpenAISource]
+
+
+def engine_name(engine: Engine) -> str:
+    return engine.model if isinstance(engine, OpenAISource) else engine.loaded.name
+
+
+def _run(engine: Engine, prompt: str, params: GenerationParams, sinks: Sequence[Sink], policies: Sequence[Any] = ()) -> Result:
+    if isinstance(engine, OpenAISource):
+        ids: list[int] = []
+        source: Any = engine.stream(prompt, params)
+    else:
+        ids = engine.encode(prompt)
+        source = engine.stream(ids, params)
     return Monitor(policies=policies, sinks=sinks).run(
-        source, model=decoder.loaded.name, prompt_token_ids=ids, params=params.to_dict()
+        source, model=engine_name(engine), prompt_token_ids=ids, params=params.to_dict()
     )
 
 
 class StepByStep:
     """Ask for step-by-step reasoning, on the same or another model."""
 
-    def __init__(self, decoder: Decoder, *, max_new_tokens: int = 256) -> None:
+    def __init__(self, decoder: Engine, *, max_new_tokens: int = 256) -> None:
         self.decoder = decoder
         self.max_new_tokens = max_new_tokens
-        self.name = f"step-by-step({decoder.loaded.name})"
+        self.name = f"step-by-step({engine_name(decoder)})"
 
     def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
         params = GenerationParams(max_new_tokens=self.max_new_tokens)
@@ -75,11 +89,11 @@ def _vote_key(text: str) -> str:
 class Vote:
     """Sample ``n`` short answers and return the most common one."""
 
-    def __init__(self, decoder: Decoder, *, n: int = 5, temperature: float = 0.7, max_new_tokens: int = 24, seed: int = 0) -> None:
+    def __init__(self, decoder: Engine, *, n: int = 5, temperature: float = 0.7, max_new_tokens: int = 24, seed: int = 0) -> None:
         if n < 2:
             raise LiveppError("a vote needs at least 2 samples")
         self.decoder, self.n, self.temperature, self.max_new_tokens, self.seed = decoder, n, temperature, max_new_tokens, seed
-        self.name = f"vote({n}x{decoder.loaded.name})"
+        self.name = f"vote({n}x{engine_name(decoder)})"
 
     def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
         texts, tokens = [], 0
@@ -132,7 +146,7 @@ class RouteOutcome:
         }
 
 
-def short_answer(decoder: Decoder, question: str, *, max_new_tokens: int = 24, sinks: Sequence[Sink] = (), policies: Sequence[Any] = ()) -> Result:
+def short_answer(decoder: Engine, question: str, *, max_new_tokens: int = 24, sinks: Sequence[Sink] = (), policies: Sequence[Any] = ()) -> Result:
     """The short answer, greedy, with its PPL tracked live."""
     if not isinstance(question, str) or not question.strip():
         raise LiveppError("the question is empty")
@@ -142,7 +156,7 @@ def short_answer(decoder: Decoder, question: str, *, max_new_tokens: int = 24, s
 def route(
     question: str,
     *,
-    decoder: Decoder,
+    decoder: Engine,
     calibration: Calibration,
     long_route: LongRoute | None = None,
     early: bool = False,

@@ -18,8 +18,11 @@ __all__ = ["serve_cmd"]
 @click.option("--token", default=None, help="Require this secret: ws://HOST:PORT/ws?token=... or 'Authorization: Bearer ...'.")
 @click.option("--max-new-tokens-cap", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--max-requests-per-connection", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--remote", metavar="URL", help="Serve an OpenAI-compatible engine's streams instead of a local model.")
+@click.option("--remote-model", metavar="NAME", help="Model name at --remote.")
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
-def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, allowed_origins) -> None:
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, allowed_origins) -> None:
     """Serve the live page at / , the websocket API at /ws and /healthz.
 
     \b
@@ -33,13 +36,27 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
         from .api import as_decoder
         from .server import LiveppServer, ServerConfig, serve_forever
 
-        decoder = as_decoder(model_path)
         config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
                               max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins))
-        server = LiveppServer(decoder, config)
+        if remote is not None:
+            import os
+
+            from .remote import OpenAISource
+
+            if not remote_model:
+                raise LiveppError("--remote needs --remote-model NAME")
+            key = os.environ.get(api_key_env) if api_key_env else None
+            if api_key_env and not key:
+                raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
+            server = LiveppServer(None, config, remote=OpenAISource(remote, remote_model, api_key=key))
+            name = f"{remote_model} at {remote}"
+        else:
+            decoder = as_decoder(model_path)
+            server = LiveppServer(decoder, config)
+            name = decoder.loaded.name
 
         def ready(bound: int) -> None:
-            click.echo(f"livepp: serving {decoder.loaded.name} on http://{host}:{bound}/ (websocket /ws, health /healthz); Ctrl-C stops", err=True)
+            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ (websocket /ws, health /healthz); Ctrl-C stops", err=True)
 
         asyncio.run(serve_forever(server, ready=ready))
         click.echo("livepp: stopped", err=True)

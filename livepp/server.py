@@ -111,8 +111,11 @@ def _page() -> str:
 
 
 class LiveppServer:
-    def __init__(self, decoder: Decoder, config: ServerConfig) -> None:
+    def __init__(self, decoder: Decoder | None, config: ServerConfig, *, remote: Any = None) -> None:
+        if (decoder is None) == (remote is None):
+            raise ValueError("give a local decoder or a remote source, not both")
         self.decoder = decoder
+        self.remote = remote
         self.config = config
         self.runner = ModelRunner()
         self.jobs: set[Job] = set()
@@ -253,8 +256,15 @@ class LiveppServer:
         """Worker thread: one generation, every model step through the runner."""
         decoder = self.decoder
         try:
-            prompt_ids = self.runner.call(functools.partial(decoder.encode, prompt, raw=params.raw))
-            source = decoder.stream(prompt_ids, params)  # validates before compute
+            if self.remote is not None:
+                # A remote engine schedules its own requests; no runner needed.
+                prompt_ids: list[int] = []
+                source: Any = self.remote.stream(prompt, params)
+                model_name = self.remote.model
+            else:
+                prompt_ids = self.runner.call(functools.partial(decoder.encode, prompt, raw=params.raw))
+                source = self.runner.iterate(decoder.stream(prompt_ids, params))  # validates before compute
+                model_name = decoder.loaded.name
         except LiveppError as exc:
             code = "prompt_too_long" if "context" in str(exc) else "bad_params"
             sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": code, "message": str(exc)})
@@ -262,8 +272,8 @@ class LiveppServer:
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
         try:
             monitor.run(
-                self.runner.iterate(source),
-                model=decoder.loaded.name,
+                source,
+                model=model_name,
                 prompt_token_ids=prompt_ids,
                 params=params.to_dict() | {"window": 32},
                 should_stop=lambda: job.stop_reason,

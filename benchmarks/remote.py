@@ -1,0 +1,108 @@
+"""Monitoring overhead on a remote stream, from one run.
+
+    python benchmarks/remote.py [--tokens 128] [--repeats 3] [--url URL --model NAME]
+
+Without --url it starts llama.cpp's server (llama-cpp-python[server]) on a
+loopback port with the embedded GGUF file. Baseline: the raw SSE stream read
+and JSON-decoded line by line, counting tokens (what any client must do).
+livepp: the same request through OpenAISource with the tracker, an EarlyStop
+policy that never fires and JSON serialisation of every event. Interleaved,
+best of N; prints tokens/s of both and the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlsplit
+
+from livepp import EarlyStop, GenerationParams, Monitor
+from livepp.models import default_model_path
+from livepp.remote import OpenAISource
+from livepp.sinks import event_json
+
+PROMPT = "Write a long story about a cat who learns to sail."
+
+
+def start_llamacpp() -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
+                             "--port", str(port), "--n_ctx", "2048", "--logits_all", "true", "--model_alias", "smollm2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=2)
+            return url, proc
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("llama.cpp server did not start")
+
+
+def raw_stream(url: str, model: str, n: int) -> float:
+    source = OpenAISource(url, model)
+    body = source.request_body(PROMPT, GenerationParams(max_new_tokens=n, ignore_eos=True))
+    u = urlsplit(url)
+    t = time.perf_counter()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", u.path + "/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    count = 0
+    for line in resp:
+        if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+            chunk = json.loads(line[5:])
+            for choice in chunk.get("choices", []):
+                count += len((choice.get("logprobs") or {}).get("content") or [])
+    conn.close()
+    return count / (time.perf_counter() - t)
+
+
+class Serialise:
+    def emit(self, e) -> None:
+        event_json(e)
+
+
+def monitored(url: str, model: str, n: int) -> float:
+    t = time.perf_counter()
+    result = Monitor(policies=[EarlyStop(1e9)], sinks=[Serialise()], keep_events=False).run(
+        OpenAISource(url, model).stream(PROMPT, GenerationParams(max_new_tokens=n, ignore_eos=True)))
+    return result.end.n_tokens / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--url")
+    ap.add_argument("--model", default="smollm2")
+    args = ap.parse_args()
+    proc = None
+    url = args.url
+    if url is None:
+        url, proc = start_llamacpp()
+    try:
+        raw_stream(url, args.model, 8)  # warm-up
+        best_raw = best_mon = 0.0
+        for _ in range(args.repeats):
+            best_raw = max(best_raw, raw_stream(url, args.model, args.tokens))
+            best_mon = max(best_mon, monitored(url, args.model, args.tokens))
+        print(f"{url}, {args.tokens} tokens with top-20 logprobs, best of {args.repeats}")
+        print(f"  raw stream (read + JSON decode)   {best_raw:7.1f} tokens/s")
+        print(f"  livepp monitored                  {best_mon:7.1f} tokens/s")
+        print(f"  overhead                          {100 * (1 - best_mon / best_raw):6.1f}%   (target <= 3%)")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()

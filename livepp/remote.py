@@ -1,0 +1,249 @@
+"""A token source that streams from an OpenAI-compatible endpoint.
+
+Works with ``/v1/chat/completions`` and ``/v1/completions`` of vLLM, SGLang,
+TGI, llama.cpp's server and hosted APIs, asking for ``logprobs`` and
+``top_logprobs``. What livepp reports from such a stream:
+
+* ``logprob``, ``top_logprobs``: as the engine returns them. Engines report
+  log-probs of their own (usually raw) distribution; livepp does not change them.
+* ``token_id``: -1 (these APIs send token strings, not ids).
+* ``entropy``: None. The stream carries only the top-k, and an entropy from
+  them is a bound, not the value; livepp never presents an estimate as exact.
+* ``confidence``: DeepConf's −mean of the top-k logprobs over the k the
+  engine returned (at most 20).
+* ``text``: decoded from the tokens' ``bytes`` when the engine sends them, with
+  an incremental UTF-8 decoder, so a character split over tokens comes out whole.
+
+Quirks handled: chunks that carry several tokens, chunks without logprobs
+(role-only first deltas, the final usage chunk, empty deltas), ``[DONE]``.
+Closing the stream (a policy stopped it) closes the HTTP connection, so the
+engine aborts the request; ``tokens_after_stop`` counts tokens that had
+already arrived but were not consumed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import http.client
+import json
+import socket
+from collections import deque
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+from .events import TokenRecord, TopLogprob
+from .params import GenerationParams, LiveppError
+
+__all__ = ["OpenAIStream", "OpenAISource"]
+
+
+class OpenAISource:
+    """An endpoint plus a model name; :meth:`stream` starts one request."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api: str = "chat",
+        api_key: str | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        url = urlsplit(base_url.rstrip("/"))
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise LiveppError(f"--remote must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        if api not in ("chat", "completions"):
+            raise LiveppError(f"api must be 'chat' or 'completions', got {api!r}")
+        self.url = url
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api = api
+        self.api_key = api_key
+        self.timeout = timeout
+
+    def request_body(self, prompt: str, params: GenerationParams) -> dict[str, Any]:
+        k = min(max(params.top_logprobs, params.confidence_k), 20)
+        body: dict[str, Any] = {
+            "model": self.model,
+            "stream": True,
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.top_k:
+            body["top_k"] = params.top_k  # an extension most open engines accept
+        if params.min_p:
+            body["min_p"] = params.min_p
+        if self.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+            body["logprobs"] = True
+            body["top_logprobs"] = k
+        else:
+            body["prompt"] = prompt
+            body["logprobs"] = max(k, 1)
+        return body
+
+    def stream(self, prompt: str, params: GenerationParams) -> "OpenAIStream":
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise LiveppError("the prompt is empty")
+        return OpenAIStream(self, self.request_body(prompt, params), top_k=params.top_logprobs)
+
+
+class OpenAIStream:
+    """Iterator of :class:`TokenRecord` over one streaming request."""
+
+    def __init__(self, source: OpenAISource, body: dict[str, Any], *, top_k: int) -> None:
+        self.source = source
+        self.body = body
+        self.top_k = top_k
+        self.tokens_after_stop: int | None = None
+        self.finish_reason: str | None = None
+        self.received = 0
+        self._conn: http.client.HTTPConnection | None = None
+        self._response: http.client.HTTPResponse | None = None
+        self._pending: deque[TokenRecord] = deque()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._finished = False
+
+    # ---- connection --------------------------------------------------------
+    def _open(self) -> None:
+        s = self.source
+        path = f"{s.url.path}/{'chat/completions' if s.api == 'chat' else 'completions'}"
+        conn_cls = http.client.HTTPSConnection if s.url.scheme == "https" else http.client.HTTPConnection
+        self._conn = conn_cls(s.url.hostname, s.url.port, timeout=s.timeout)
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if s.api_key:
+            headers["Authorization"] = f"Bearer {s.api_key}"
+        where = f"{s.base_url} ({s.api})"
+        try:
+            self._conn.request("POST", path, body=json.dumps(self.body), headers=headers)
+            self._response = self._conn.getresponse()
+        except socket.timeout:
+            raise LiveppError(f"timed out after {s.timeout:g} s connecting to {where}") from None
+        except OSError as exc:
+            raise LiveppError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        if self._response.status >= 400:
+            detail = self._response.read(2000).decode("utf-8", "replace").strip()
+            self.close()
+            raise LiveppError(f"HTTP {self._response.status} from {where}: {detail or self._response.reason}")
+
+    def close(self) -> None:
+        """Stop now: closing the socket makes the engine abort the request."""
+        if self._conn is not None:
+            self.tokens_after_stop = len(self._pending) + self._buffered_tokens()
+            self._conn.close()
+            self._conn = None
+        self._finished = True
+
+    def _buffered_tokens(self) -> int:
+        # Tokens the socket already delivered but we did not parse: count the
+        # complete SSE events sitting in the response's read buffer.
+        try:
+            fp = self._response.fp if self._response is not None else None
+            raw = fp.peek(1 << 16) if fp is not None and hasattr(fp, "peek") else b""
+        except (OSError, ValueError):
+            return 0
+        n = 0
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+                try:
+                    n += len(self._records(json.loads(line[5:]), count_only=True))
+                except (ValueError, KeyError, TypeError):
+                    pass
+        return n
+
+    # ---- iteration ---------------------------------------------------------
+    def __iter__(self) -> Iterator[TokenRecord]:
+        return self
+
+    def __next__(self) -> TokenRecord:
+        while not self._pending:
+            if self._finished:
+                raise StopIteration
+            if self._response is None:
+                self._open()
+            self._read_event()
+        return self._pending.popleft()
+
+    def _read_event(self) -> None:
+        assert self._response is not None
+        where = self.source.base_url
+        try:
+            line = self._response.readline()
+        except socket.timeout:
+            raise LiveppError(f"timed out after {self.source.timeout:g} s waiting for tokens from {where}") from None
+        except OSError as exc:
+            raise LiveppError(f"connection to {where} failed mid-stream: {exc}") from None
+        if not line:
+            self._finished = True  # the server closed the stream
+            if self._pending:
+                return
+            raise StopIteration
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            return  # SSE comments, event names and blank separators
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            self._finished = True
+            return
+        try:
+            chunk = json.loads(payload)
+        except json.JSONDecodeError:
+            raise LiveppError(f"malformed chunk from {where}: {payload[:200]!r}") from None
+        if isinstance(chunk, dict) and "error" in chunk:
+            raise LiveppError(f"error from {where}: {chunk['error']}")
+        try:
+            self._pending.extend(self._records(chunk))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise LiveppError(f"malformed chunk from {where} ({exc}): {payload[:200]!r}") from None
+
+    def _records(self, chunk: dict[str, Any], *, count_only: bool = False) -> list[Any]:
+        choices = chunk.get("choices") or []
+        if not choices:
+            return []  # e.g. a usage-only chunk
+        choice = choices[0]
+        finish = choice.get("finish_reason")
+        if finish and not count_only:
+            # Often on a last chunk that carries no token; the monitor reads it here.
+            self.finish_reason = _finish(finish)
+        logprobs = choice.get("logprobs") or {}
+        if self.source.api == "chat":
+            items = [
+                (e.get("token", ""), e.get("bytes"), e["logprob"], [(t.get("token", ""), t.get("bytes"), t["logprob"]) for t in e.get("top_logprobs") or []])
+                for e in (logprobs.get("content") or [])
+            ]
+        else:
+            tops = logprobs.get("top_logprobs") or []
+            items = [
+                (tok, None, lp, sorted(((t, None, v) for t, v in (tops[i] or {}).items()), key=lambda x: -x[2]) if i < len(tops) else [])
+                for i, (tok, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []))
+            ]
+        if count_only:
+            return items
+        self.received += len(items)
+        records = []
+        for i, (token, raw_bytes, lp, top) in enumerate(items):
+            text = self._utf8.decode(bytes(raw_bytes)) if raw_bytes is not None else token
+            top_sorted = sorted(top, key=lambda x: -x[2])
+            conf = -sum(x[2] for x in top_sorted) / len(top_sorted) if top_sorted else None
+            last = i == len(items) - 1
+            records.append(TokenRecord(
+                token_id=-1,
+                text=text,
+                logprob=float(lp),
+                entropy=None,
+                top_logprobs=tuple(TopLogprob(-1, t, float(v)) for t, _, v in top_sorted[: self.top_k]),
+                confidence=conf,
+                finish_reason=_finish(finish) if last else None,
+            ))
+        return records
+
+
+def _finish(reason: str | None) -> str | None:
+    if reason is None:
+        return None
+    return {"stop": "eos", "length": "length"}.get(reason, reason)
