@@ -10,13 +10,13 @@ same index as it would have stopped the live generation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .events import TokenRecord, TopLogprob
 from .monitor import Monitor
+from .jsonl import iter_jsonl
 from .params import LiveppError
 from .policies import Policy
 from .tracker import Tracker
@@ -52,14 +52,7 @@ def read_traces(path: str | Path) -> list[Trace]:
         raise LiveppError(f"no such file: {p}")
     traces: list[Trace] = []
     current: Trace | None = None
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{p}:{lineno}"
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LiveppError(f"{where}: not valid JSON ({exc.msg})") from exc
+    for where, event in iter_jsonl(p.read_text(encoding="utf-8"), str(p)):
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "start":
             current = Trace([], dict(event.get("params") or {}), event.get("correct"))

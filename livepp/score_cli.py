@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from .jsonl import iter_jsonl
 from .params import LiveppError
 
 __all__ = ["score"]
@@ -34,15 +35,9 @@ def _read_input(source: str) -> str:
 
 def _records(text: str, name: str) -> list[dict[str, Any]]:
     records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LiveppError(f"{name}:{lineno}: not valid JSON ({exc.msg})") from exc
+    for where, rec in iter_jsonl(text, name):
         if not isinstance(rec, dict) or not ({"text"} <= set(rec) or {"prompt", "target"} <= set(rec)):
-            raise LiveppError(f'{name}:{lineno}: each line needs {{"text": ...}} or {{"prompt": ..., "target": ...}}')
+            raise LiveppError(f'{where}: each line needs {{"text": ...}} or {{"prompt": ..., "target": ...}}')
         records.append(rec)
     if not records:
         raise LiveppError(f"{name} has no records")

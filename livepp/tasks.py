@@ -16,7 +16,6 @@ The matcher (documented in the README): a reply is correct when
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import unicodedata
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from .jsonl import iter_jsonl
 from .params import LiveppError
 
 __all__ = ["Question", "answer_matches", "builtin_split", "load_questions", "TASKS", "last_number"]
@@ -120,19 +120,13 @@ def load_questions(source: str, *, limit: int | None = None) -> list[Question]:
 def _read_jsonl(path: Path) -> Iterable[Question]:
     if not path.is_file():
         raise LiveppError(f"no such file: {path}")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LiveppError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+    for where, rec in iter_jsonl(path.read_text(encoding="utf-8"), str(path)):
         q = rec.get("question") if isinstance(rec, dict) else None
         answers = rec.get("answers") if isinstance(rec, dict) else None
         if isinstance(answers, (str, int, float)):
             answers = [answers]
         if not isinstance(q, str) or not q.strip() or not isinstance(answers, list) or not answers:
-            raise LiveppError(f'{path}:{lineno}: need {{"question": str, "answers": [accepted answers]}}')
+            raise LiveppError(f'{where}: need {{"question": str, "answers": [accepted answers]}}')
         yield Question(q, tuple(str(a) for a in answers))
 
 
