@@ -21,8 +21,9 @@ __all__ = ["serve_cmd"]
 @click.option("--remote", metavar="URL", help="Serve an OpenAI-compatible engine's streams instead of a local model.")
 @click.option("--remote-model", metavar="NAME", help="Model name at --remote.")
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
+@click.option("--calibration", metavar="FILE", help="CAR calibration for route messages (default: the shipped one).")
 @click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
-def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, allowed_origins) -> None:
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration, allowed_origins) -> None:
     """Serve the live page at / , the websocket API at /ws and /healthz.
 
     \b
@@ -37,7 +38,8 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
         from .server import LiveppServer, ServerConfig, serve_forever
 
         config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
-                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins))
+                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
+                              calibration=calibration)
         if remote is not None:
             import os
 

@@ -51,7 +51,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     outbox_limit: int = 256
     allowed_origins: tuple[str, ...] = ()
-    window: int = 32
+    calibration: str | None = None  # for "route"; default: the shipped one
 
 
 class ModelRunner:
@@ -104,6 +104,43 @@ class _OutboxSink:
         data = to_json_dict(event)
         data["id"] = self.request_id
         self.loop.call_soon_threadsafe(self.outbox.put, data)
+
+
+class _JobStream:
+    """A decoder stream pulled through the runner that ends when its job is
+    cancelled, reporting the cancel as its finish reason."""
+
+    def __init__(self, source: Iterator[TokenRecord], runner: ModelRunner, job: Job) -> None:
+        self._it = runner.iterate(source)
+        self.job = job
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> "_JobStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        if self.job.stop_reason is not None:
+            self.finish_reason = self.job.stop_reason
+            self.close()
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+
+class _RunnerEngine:
+    """The local decoder as routing sees it, with every model step through the runner."""
+
+    def __init__(self, decoder: Decoder, runner: ModelRunner, job: Job) -> None:
+        self.decoder, self.runner, self.job = decoder, runner, job
+        self.loaded = decoder.loaded
+
+    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
+        return self.runner.call(functools.partial(self.decoder.encode, prompt, raw=raw))
+
+    def stream(self, prompt_ids: Any, params: GenerationParams) -> _JobStream:
+        return _JobStream(self.decoder.stream(prompt_ids, params), self.runner, self.job)
 
 
 def _page() -> str:
@@ -203,27 +240,23 @@ class LiveppServer:
         try:
             if kind == "generate":
                 self._start_generate(data, jobs, outbox, loop)
+            elif kind == "route":
+                self._start_route(data, jobs, outbox, loop)
             elif kind == "cancel":
                 job = jobs.get(request_id) if isinstance(request_id, str) else None
                 if job is None:
                     raise _ClientError("unknown_id", f"no running request with id {request_id!r}")
                 job.stop_reason = "cancelled"
             else:
-                raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate or cancel")
+                raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route or cancel")
         except _ClientError as exc:
             exc.__dict__["request_id"] = request_id if isinstance(request_id, str) else None
             raise
 
     def _start_generate(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
-        request_id, prompt = data.get("id"), data.get("prompt")
-        if not isinstance(request_id, str) or not request_id:
-            raise _ClientError("bad_message", "generate needs a non-empty string id")
-        if request_id in jobs:
-            raise _ClientError("duplicate_id", f"request {request_id!r} is still running")
+        prompt = data.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise _ClientError("bad_params", "prompt must be a non-empty string")
-        if len(jobs) >= self.config.max_requests_per_connection:
-            raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
         try:
             raw_params = data.get("params") or {}
             if isinstance(raw_params, dict) and "max_new_tokens" not in raw_params:
@@ -238,19 +271,78 @@ class LiveppServer:
             raise _ClientError("bad_params", str(exc)) from None
         if params.max_new_tokens > self.config.max_new_tokens_cap:
             raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {self.config.max_new_tokens_cap}")
+        job = self._new_job(data, jobs)
+        self._launch(job, jobs, loop, self._run_job, prompt, params, specs, _OutboxSink(loop, outbox, job.id))
+
+    def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
+        request_id = data.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise _ClientError("bad_message", f"{data.get('type')} needs a non-empty string id")
+        if request_id in jobs:
+            raise _ClientError("duplicate_id", f"request {request_id!r} is still running")
+        if len(jobs) >= self.config.max_requests_per_connection:
+            raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
         if self._shutting_down:
             raise _ClientError("shutting_down", "the server is shutting down")
-        job = Job(request_id)
-        jobs[request_id] = job
+        return Job(request_id)
+
+    def _launch(self, job: Job, jobs: dict[str, Job], loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+        jobs[job.id] = job
         self.jobs.add(job)
-        sink = _OutboxSink(loop, outbox, request_id)
-        job.done = loop.run_in_executor(self._workers, self._run_job, job, prompt, params, specs, sink)
+        job.done = loop.run_in_executor(self._workers, fn, job, *args)
 
         def finished(_: Any) -> None:
-            jobs.pop(request_id, None)
+            jobs.pop(job.id, None)
             self.jobs.discard(job)
 
         job.done.add_done_callback(finished)
+
+    def _start_route(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        """{"type":"route","id","question","params":{"early":bool,"long_max_tokens":int,"short_max_tokens":int}}"""
+        if self.decoder is None:
+            raise _ClientError("unsupported", "route needs a local model (this server streams a remote engine)")
+        question = data.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise _ClientError("bad_params", "question must be a non-empty string")
+        opts = data.get("params") or {}
+        known = {"early": bool, "long_max_tokens": int, "short_max_tokens": int}
+        if not isinstance(opts, dict) or any(k not in known or not isinstance(v, known[k]) or isinstance(v, bool) != (known[k] is bool) for k, v in opts.items()):
+            raise _ClientError("bad_params", f"route params: early (bool), long_max_tokens and short_max_tokens (int); got {opts!r}")
+        if min(opts.get("long_max_tokens", 1), opts.get("short_max_tokens", 1)) < 1 or opts.get("long_max_tokens", 0) > self.config.max_new_tokens_cap:
+            raise _ClientError("bad_params", f"token limits must be between 1 and {self.config.max_new_tokens_cap}")
+        job = self._new_job(data, jobs)
+        self._launch(job, jobs, loop, self._run_route, question, opts, _OutboxSink(loop, outbox, job.id))
+
+    def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: _OutboxSink) -> None:
+        from .car import Calibration
+        from .car_cli import DEFAULT_CALIBRATION
+        from .routing import StepByStep, route
+
+        def put(data: dict[str, Any]) -> None:
+            sink.loop.call_soon_threadsafe(sink.outbox.put, data | {"id": job.id})
+
+        class Staged:
+            def __init__(self, stage: str) -> None:
+                self.stage = stage
+
+            def emit(self, event: Event) -> None:
+                put(to_json_dict(event) | {"stage": self.stage})
+
+        engine = _RunnerEngine(self.decoder, self.runner, job)
+        try:
+            cal = Calibration.load(self.config.calibration or DEFAULT_CALIBRATION)
+            outcome = route(
+                question, decoder=engine, calibration=cal, early=opts.get("early", False),
+                long_route=StepByStep(engine, max_new_tokens=opts.get("long_max_tokens", min(256, self.config.max_new_tokens_cap))),
+                short_max_new_tokens=opts.get("short_max_tokens", 24),
+                sinks_for=lambda stage: [Staged(stage)],
+                on_decision=lambda o: put(o.decision_dict()),
+            )
+            put(outcome.answer_dict())
+        except LiveppError as exc:
+            put({"type": "error", "code": "bad_params", "message": str(exc)})
+        except Exception as exc:
+            put({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
 
     def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: _OutboxSink) -> None:
         """Worker thread: one generation, every model step through the runner."""

@@ -164,3 +164,24 @@ def test_hf_stopping_criteria_stops_where_livepp_stops(decoder):
     assert generated == live.token_ids
     assert [(row, index) for row, index, _ in stop.decisions] == [(0, live.end.n_tokens - 1)]
     assert stop.ppl[0] == pytest.approx(live.end.ppl, rel=1e-5)
+
+
+def test_route_long_stage_on_a_remote_engine(calibration_file, tmp_path):
+    from test_remote_parsing import Stub, expected_from_sse, fixture
+
+    _, data = calibration_file
+    always = tmp_path / "always.json"
+    always.write_text(json.dumps({k: v for k, v in data.items() if k not in ("type", "files")} | {"threshold": 0.999999}))
+    body = fixture("chat_stream.sse")
+    stub = Stub(body)
+    try:
+        r = cli("route", "What is 2 + 2?", "--calibration", str(always), "--long-remote", stub.url, "--long-remote-model", "smollm2", "--json")
+    finally:
+        stub.close()
+    assert r.exit_code == 0, r.output
+    events = jsonl(r.stdout)
+    long = [e for e in events if e.get("stage") == "long"]
+    assert long[0]["model"] == "smollm2"
+    assert [e["logprob"] for e in long if e["type"] == "token"] == expected_from_sse(body, "chat")[0]
+    assert events[-1]["answer_from"] == "long" and events[-1]["text"] == expected_from_sse(body, "chat")[1]
+    assert "step by step" in stub.requests[0]["messages"][0]["content"]

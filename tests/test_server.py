@@ -233,3 +233,59 @@ def test_token_auth_and_shutdown_sends_end(decoder):
     finally:
         if s._thread.is_alive():
             s.stop()
+
+
+def test_route_message_runs_car_with_staged_events(server):
+    with connect(server.url) as ws:
+        send(ws, type="route", id="r", question="What is 6 + 7?", params={"long_max_tokens": 16})
+        events = []
+        while not events or events[-1]["type"] not in ("answer", "error"):
+            e = json.loads(ws.recv(timeout=120))
+            if e.get("id") == "r":
+                events.append(e)
+    assert events[-1]["type"] == "answer", events[-1]
+    short = [e for e in events if e.get("stage") == "short"]
+    assert short[0]["type"] == "start" and short[-1]["type"] == "end"
+    decision = next(e for e in events if e["type"] == "route")
+    assert decision["ppl"] == pytest.approx(short[-1]["ppl"])
+    long = [e for e in events if e.get("stage") == "long"]
+    assert (decision["decision"] == "long") == bool(long)
+    assert events[-1]["tokens_total"] == short[-1]["n_tokens"] + (long[-1]["n_tokens"] if long else 0)
+
+
+def test_route_message_bad_params(server):
+    with connect(server.url) as ws:
+        send(ws, type="route", id="r", question="", params={})
+        assert error_for(ws, "r")["code"] == "bad_params"
+        send(ws, type="route", id="r", question="What is 2+2?", params={"early": "yes"})
+        assert error_for(ws, "r")["code"] == "bad_params"
+
+
+def test_serve_remote_streams_an_engine(tmp_path):
+    from test_remote_parsing import Stub, expected_from_sse, fixture
+
+    from livepp.remote import OpenAISource
+
+    body = fixture("chat_stream.sse")
+    stub = Stub(body)
+
+    class Remote(RunningServer):
+        def __init__(self) -> None:
+            self.server = LiveppServer(None, ServerConfig(port=0), remote=OpenAISource(stub.url, "smollm2"))
+            self._ready = threading.Event()
+            self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+            self._thread.start()
+            assert self._ready.wait(30)
+
+    s = Remote()
+    try:
+        with connect(s.url) as ws:
+            send(ws, type="generate", id="g", prompt="What is 2+2?", params={"max_new_tokens": 24})
+            events = events_until_end(ws, "g")
+    finally:
+        s.stop()
+        stub.close()
+    lps, text = expected_from_sse(body, "chat")
+    assert events[0]["type"] == "start" and events[0]["model"] == "smollm2"
+    assert [e["logprob"] for e in events if e["type"] == "token"] == lps
+    assert events[-1]["type"] == "end" and events[-1]["text"] == text
