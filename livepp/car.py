@@ -24,7 +24,10 @@ from typing import Sequence
 
 from .params import LiveppError
 
-__all__ = ["Calibration", "fit_calibration", "auroc", "expected_calibration_error", "MIN_PER_CLASS"]
+__all__ = ["Calibration", "fit_calibration", "auroc", "expected_calibration_error", "MIN_PER_CLASS", "DEFAULT_CALIBRATION"]
+
+# Fitted with `livepp calibrate builtin:mixed --limit 80` on the embedded model.
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration-smollm2-135m.json"
 
 MIN_PER_CLASS = 3
 _FORMAT = "livepp-car-calibration/1"

@@ -12,9 +12,7 @@ import click
 
 from .params import LiveppError
 
-__all__ = ["calibrate_cmd", "route_cmd", "replay_cmd", "DEFAULT_CALIBRATION"]
-
-DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration-smollm2-135m.json"
+__all__ = ["calibrate_cmd", "route_cmd", "replay_cmd"]
 
 
 def _fail(message: str, as_json: bool, code: int) -> None:
@@ -113,7 +111,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
     """
     try:
         from .api import as_decoder
-        from .car import Calibration
+        from .car import DEFAULT_CALIBRATION, Calibration
         from .routing import StepByStep, Vote, route
         from .sinks import JsonlSink
 

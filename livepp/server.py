@@ -314,8 +314,7 @@ class LiveppServer:
         self._launch(job, jobs, loop, self._run_route, question, opts, _OutboxSink(loop, outbox, job.id))
 
     def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: _OutboxSink) -> None:
-        from .car import Calibration
-        from .car_cli import DEFAULT_CALIBRATION
+        from .car import DEFAULT_CALIBRATION, Calibration
         from .routing import StepByStep, route
 
         def put(data: dict[str, Any]) -> None:
