@@ -24,25 +24,10 @@ class Sink(Protocol):
     def emit(self, event: Event) -> None: ...
 
 
-def _until(iterator: Iterator[TokenRecord], should_stop: Callable[[], str | None] | None, result: "Result") -> Iterator[TokenRecord]:
-    """Yield from ``iterator`` until ``should_stop`` names a reason."""
-    while True:
-        if should_stop is not None:
-            reason = should_stop()
-            if reason is not None:
-                result.stopped_by = reason
-                return
-        try:
-            yield next(iterator)
-        except StopIteration:
-            return
-
-
 class Result:
     """What a monitored generation produced, for API users."""
 
     def __init__(self) -> None:
-        self.stopped_by: str | None = None
         self.events: list[Event] = []
         self.token_ids: list[int] = []
         self.end: EndEvent | None = None
@@ -89,13 +74,12 @@ class Monitor:
         model: str = "",
         prompt_token_ids: Sequence[int] = (),
         params: dict[str, Any] | None = None,
-        should_stop: Callable[[], str | None] | None = None,
     ) -> Result:
-        """Run ``source`` to its end, a policy stop, or ``should_stop()``.
+        """Run ``source`` to its end or a policy stop.
 
-        ``should_stop`` is asked before each next token is pulled (so before
-        the forward pass that would compute it); a non-None answer such as
-        ``"cancelled"`` or ``"shutdown"`` ends the run with that reason.
+        A source that ends without a ``finish_reason`` on its last record may
+        say why in its own ``finish_reason`` attribute (a remote stream's last
+        chunk, a cancelled server job); otherwise the reason is "length".
         """
         result = Result()
         tracker = self.tracker_factory()
@@ -109,7 +93,7 @@ class Monitor:
         first_token_at: float | None = None
         iterator: Iterator[TokenRecord] = iter(source)
         try:
-            for index, record in enumerate(_until(iterator, should_stop, result)):
+            for index, record in enumerate(iterator):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 tracker.update(record.logprob, entropy=record.entropy, confidence=record.confidence)
@@ -129,7 +113,7 @@ class Monitor:
                     reason = record.finish_reason
                     break
             else:
-                reason = result.stopped_by or getattr(iterator, "finish_reason", None) or reason
+                reason = getattr(iterator, "finish_reason", None) or reason
         except KeyboardInterrupt:
             reason = "shutdown"
             raise

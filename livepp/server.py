@@ -24,7 +24,7 @@ import secrets
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -91,7 +91,6 @@ class Job:
     id: str
     stop_reason: str | None = None
     done: asyncio.Future | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _OutboxSink:
@@ -107,26 +106,40 @@ class _OutboxSink:
 
 
 class _JobStream:
-    """A decoder stream pulled through the runner that ends when its job is
-    cancelled, reporting the cancel as its finish reason."""
+    """A request's token source that ends as soon as its job is stopped
+    (cancel, disconnect, shutdown), reporting that as its finish reason.
 
-    def __init__(self, source: Iterator[TokenRecord], runner: ModelRunner, job: Job) -> None:
-        self._it = runner.iterate(source)
+    The monitor reads ``finish_reason`` and ``tokens_after_stop`` from its
+    source, so the wrapper passes the inner stream's values through."""
+
+    def __init__(self, source: Iterator[TokenRecord], job: Job) -> None:
+        self._it = source
         self.job = job
-        self.finish_reason: str | None = None
+        self._stopped: str | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stopped or getattr(self._it, "finish_reason", None)
+
+    @property
+    def tokens_after_stop(self) -> int | None:
+        return getattr(self._it, "tokens_after_stop", None)
 
     def __iter__(self) -> "_JobStream":
         return self
 
     def __next__(self) -> TokenRecord:
+        # Checked before each pull, so before the forward pass of the next token.
         if self.job.stop_reason is not None:
-            self.finish_reason = self.job.stop_reason
+            self._stopped = self.job.stop_reason
             self.close()
             raise StopIteration
         return next(self._it)
 
     def close(self) -> None:
-        self._it.close()
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
 
 
 class _RunnerEngine:
@@ -140,7 +153,7 @@ class _RunnerEngine:
         return self.runner.call(functools.partial(self.decoder.encode, prompt, raw=raw))
 
     def stream(self, prompt_ids: Any, params: GenerationParams) -> _JobStream:
-        return _JobStream(self.decoder.stream(prompt_ids, params), self.runner, self.job)
+        return _JobStream(self.runner.iterate(self.decoder.stream(prompt_ids, params)), self.job)
 
 
 def _page() -> str:
@@ -350,11 +363,12 @@ class LiveppServer:
             if self.remote is not None:
                 # A remote engine schedules its own requests; no runner needed.
                 prompt_ids: list[int] = []
-                source: Any = self.remote.stream(prompt, params)
+                source: Any = _JobStream(self.remote.stream(prompt, params), job)
                 model_name = self.remote.model
             else:
                 prompt_ids = self.runner.call(functools.partial(decoder.encode, prompt, raw=params.raw))
-                source = self.runner.iterate(decoder.stream(prompt_ids, params))  # validates before compute
+                # decoder.stream validates before any compute.
+                source = _JobStream(self.runner.iterate(decoder.stream(prompt_ids, params)), job)
                 model_name = decoder.loaded.name
         except LiveppError as exc:
             code = "prompt_too_long" if "context" in str(exc) else "bad_params"
@@ -367,7 +381,6 @@ class LiveppServer:
                 model=model_name,
                 prompt_token_ids=prompt_ids,
                 params=params.to_dict() | {"window": 32},
-                should_stop=lambda: job.stop_reason,
             )
         except Exception as exc:  # the end event (reason "error") has been sent
             sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
