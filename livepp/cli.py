@@ -139,20 +139,11 @@ def generate(
 
 
 def _generate_remote(text, url, model, api, api_key_env, timeout, params, policies, sinks, window) -> None:
-    import os
-
     from .monitor import Monitor
-    from .remote import OpenAISource
+    from .remote import source_from_options
     from .tracker import Tracker
 
-    if not model:
-        raise LiveppError("--remote needs --remote-model NAME")
-    api_key = None
-    if api_key_env:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
-    source = OpenAISource(url, model, api=api, api_key=api_key, timeout=timeout)
+    source = source_from_options(url, model, api=api, api_key_env=api_key_env, timeout=timeout)
     monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window))
     monitor.run(source.stream(text, params), model=model, params=params.to_dict() | {"remote": url, "api": api, "window": window})
 

@@ -24,6 +24,7 @@ already arrived but were not consumed.
 from __future__ import annotations
 
 import codecs
+import os
 import http.client
 import json
 import socket
@@ -34,7 +35,7 @@ from urllib.parse import urlsplit
 from .events import TokenRecord, TopLogprob
 from .params import GenerationParams, LiveppError
 
-__all__ = ["OpenAIStream", "OpenAISource"]
+__all__ = ["OpenAIStream", "OpenAISource", "source_from_options"]
 
 
 class OpenAISource:
@@ -91,6 +92,21 @@ class OpenAISource:
         if not isinstance(prompt, str) or not prompt.strip():
             raise LiveppError("the prompt is empty")
         return OpenAIStream(self, self.request_body(prompt, params), top_k=params.top_logprobs)
+
+
+def source_from_options(
+    url: str, model: str | None, *, api: str = "chat", api_key_env: str | None = None, timeout: float = 60.0
+) -> OpenAISource:
+    """An OpenAISource from command-line options (``--remote``, ``--remote-model``,
+    ``--api-key-env``), with the errors a user can act on."""
+    if not model:
+        raise LiveppError("--remote needs --remote-model NAME")
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
+    return OpenAISource(url, model, api=api, api_key=api_key, timeout=timeout)
 
 
 class OpenAIStream:

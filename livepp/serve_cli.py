@@ -41,16 +41,9 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
                               max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
                               calibration=calibration)
         if remote is not None:
-            import os
+            from .remote import source_from_options
 
-            from .remote import OpenAISource
-
-            if not remote_model:
-                raise LiveppError("--remote needs --remote-model NAME")
-            key = os.environ.get(api_key_env) if api_key_env else None
-            if api_key_env and not key:
-                raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
-            server = LiveppServer(None, config, remote=OpenAISource(remote, remote_model, api_key=key))
+            server = LiveppServer(None, config, remote=source_from_options(remote, remote_model, api_key_env=api_key_env))
             name = f"{remote_model} at {remote}"
         else:
             decoder = as_decoder(model_path)
