@@ -205,7 +205,7 @@ def score_ids(
     """
     if batch_size < 1:
         raise LiveppError(f"batch_size must be >= 1, got {batch_size}")
-    if len(ids) < 2 or score_from >= len(ids):
+    if len(ids) < 2 or not 1 <= score_from < len(ids):
         raise LiveppError("nothing to score: the text has no token that can be scored")
     context = loaded.context_length
     forced = False
@@ -225,14 +225,20 @@ def score_ids(
         raise LiveppError(f"max_length {max_length} exceeds the model's context of {context} tokens")
     if stride is None:
         stride = max_length
-    windows = plan_windows(len(ids), max_length, stride)
+    # Positions before score_from (a target's prompt) are context only: no
+    # window scores them, and windows that would score nothing else are skipped.
+    windows = [
+        Window(w.begin, w.end, max(w.score_from, score_from))
+        for w in plan_windows(len(ids), max_length, stride)
+        if w.end > max(w.score_from, score_from)
+    ]
     if on_plan is not None:
         on_plan(len(windows))
     scored = _score_windows(loaded, ids, windows, batch_size=batch_size, progress=progress)
     decode = loaded.tokenizer.decode
     tokens = [
         ScoredToken(ids[pos], decode([ids[pos]]), *scored[pos])
-        for pos in range(max(score_from, 1), len(ids))
+        for pos in range(score_from, len(ids))
         if pos in scored
     ]
     whole = len(windows) == 1 and windows[0].begin == 0 and windows[0].end == len(ids)

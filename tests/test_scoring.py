@@ -216,3 +216,19 @@ def test_greedy_token_scores_equal_two_pass_recipe(loaded):
     assert [t.token_id for t in two_pass.tokens] == answer
     assert max(abs(a.logprob - b.logprob) for a, b in zip(result.tokens, two_pass.tokens)) <= 1e-4
     assert result.ppl == pytest.approx(two_pass.ppl, rel=1e-4)
+
+
+def test_windowed_target_scores_only_target_tokens_and_skips_prompt_windows(loaded):
+    prompt = "The GNU General Public License is a free, copyleft license for software and other kinds of works."
+    target = " The licenses for most software are designed to take away your freedom."
+    whole = score_target(loaded, prompt, target)
+    windowed = score_target(loaded, prompt, target, max_length=12, stride=4)
+    assert [t.token_id for t in windowed.tokens] == [t.token_id for t in whole.tokens]
+    n_ids = len(loaded.tokenizer(prompt + target, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+    assert windowed.windows < len(plan_windows(n_ids, 12, 4))
+    # Each target token gets the left context of the guide's window that scores it.
+    ids = [loaded.tokenizer.bos_token_id] + loaded.tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
+    plan = plan_windows(n_ids, 12, 4)
+    for tok, pos in zip(windowed.tokens, range(n_ids - len(whole.tokens), n_ids)):
+        w = next(w for w in plan if w.score_from <= pos < w.end)
+        assert tok.logprob == pytest.approx(logprob_of_last(loaded, ids[w.begin : pos + 1]), abs=1e-4)
