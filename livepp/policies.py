@@ -234,7 +234,7 @@ class CARRouter:
     def decide(self, ppl: float) -> Decision:
         p = self.calibration.posterior_correct(ppl)
         verdict = f"P(correct | PPL {ppl:.3f}) = {p:.3f} vs threshold {self.calibration.threshold:g}"
-        if p < self.calibration.threshold:
+        if self.calibration.should_route(ppl):
             return Decision("route", self.name, verdict + ": route to long reasoning")
         return Decision("continue", self.name, verdict + ": keep the short answer")
 

@@ -171,7 +171,7 @@ def route(
     routed_early = short.end.reason == "policy"
     ppl = short.end.ppl
     posterior = calibration.posterior_correct(ppl)
-    routed = routed_early or posterior < calibration.threshold
+    routed = routed_early or calibration.should_route(ppl)
     long_route = long_route or StepByStep(decoder)
     outcome = RouteOutcome(question, short, ppl, posterior, calibration.threshold, routed, routed_early, long_route.name if routed else None)
     if on_decision is not None:
