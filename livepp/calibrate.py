@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .events import dumps
 from .car import Calibration, fit_calibration
 from .decoder import Decoder
 from .routing import short_answer
@@ -119,5 +119,5 @@ def write_labelled(labelled: Sequence[LabelledAnswer], path: str | Path, *, post
             row = {"question": a.question, "answers": list(a.answers), "reply": a.reply, "ppl": a.ppl, "n_tokens": a.n_tokens, "correct": a.correct}
             if posteriors is not None:
                 row["posterior_correct"] = posteriors[i]
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.write(dumps(row) + "\n")
     return p

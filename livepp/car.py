@@ -63,8 +63,10 @@ class Calibration:
     ece: float | None = None
 
     def _x(self, ppl: float) -> float:
-        if not (ppl >= 1.0) or math.isnan(ppl):
+        if not ppl > 0.0:
             raise LiveppError(f"a perplexity must be >= 1, got {ppl}")
+        # Below 1 only by rounding (logprobs a hair above 0): clamped to 1.
+        ppl = max(ppl, 1.0)
         return math.log(ppl) if self.space == "log_ppl" else ppl
 
     def posterior_correct(self, ppl: float) -> float:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .events import dumps
 from .params import LiveppError
 
 __all__ = ["calibrate_cmd", "route_cmd", "replay_cmd"]
@@ -19,10 +18,6 @@ def _fail(message: str, as_json: bool, code: int) -> None:
     from .cli import _fail as fail
 
     fail(message, as_json=as_json, code=code)
-
-
-def _num(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 @click.command("calibrate")
@@ -74,7 +69,7 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
         cal.save(out)
         files = write_report(cal, labelled, report)
         if as_json:
-            click.echo(json.dumps({"type": "calibration", **{k: _num(v) for k, v in cal.to_dict().items()}, "files": [str(f) for f in files]}))
+            click.echo(dumps({"type": "calibration", **cal.to_dict(), "files": [str(f) for f in files]}))
             return
         n = len(labelled)
         click.echo(f"{n} questions · {cal.n_correct} correct ({100 * cal.n_correct / n:.0f}%) · {cal.n_incorrect} incorrect")
@@ -144,7 +139,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
             def emit(self, event: Any) -> None:
                 from .events import to_json_dict
 
-                self.stream.write(json.dumps({**to_json_dict(event), "stage": self.stage}, ensure_ascii=False) + "\n")
+                self.stream.write(dumps({**to_json_dict(event), "stage": self.stage}) + "\n")
                 self.stream.flush()
 
         def sinks_for(stage: str) -> list[Any]:
@@ -158,7 +153,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
         def on_decision(outcome: Any) -> None:
             d = outcome.decision_dict()
             if as_json:
-                click.echo(json.dumps({k: _num(v) for k, v in d.items()}))
+                click.echo(dumps(d))
             else:
                 verdict = "route to long reasoning" + (" (early, short answer not finished)" if outcome.early else "") if outcome.routed else "keep the short answer"
                 click.echo(click.style(
@@ -168,7 +163,7 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
                         short_max_new_tokens=short_max_tokens, sinks_for=sinks_for, on_decision=on_decision)
         a = outcome.answer_dict()
         if as_json:
-            click.echo(json.dumps(a, ensure_ascii=False))
+            click.echo(dumps(a))
         else:
             click.echo(click.style(f"answer ({a['answer_from']}): {a['text'].strip()}", bold=True))
             click.echo(f"tokens: short {a['tokens_short']} + long {a['tokens_long']} = {a['tokens_total']}")
@@ -203,7 +198,7 @@ def replay_cmd(traces, specs, as_json) -> None:
         for spec in specs:
             report = replay(loaded, spec, lambda: parse_policy(spec))
             if as_json:
-                click.echo(json.dumps({"type": "replay", **report.to_dict()}))
+                click.echo(dumps({"type": "replay", **report.to_dict()}))
                 continue
             line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
                     f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")

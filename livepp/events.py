@@ -10,6 +10,7 @@ running statistics, and frames the stream with a :class:`StartEvent` and an
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
@@ -25,6 +26,8 @@ __all__ = [
     "Event",
     "FinishReason",
     "to_json_dict",
+    "json_safe",
+    "dumps",
 ]
 
 FinishReason = Literal["eos", "length", "stop_string", "policy", "error", "shutdown", "cancelled"]
@@ -111,6 +114,9 @@ class EndEvent:
     # Remote streams: tokens that had already arrived when a policy stopped
     # the stream and were not consumed (None for the local decoder).
     tokens_after_stop: int | None = None
+    # Remote streams: the engine's own finish reason when it said one
+    # (e.g. "abort" or "content_filter", which end as "error").
+    engine_finish_reason: str | None = None
     type: Literal["end"] = "end"
 
 
@@ -130,6 +136,25 @@ def _json_float(x: float | None) -> float | None:
     if x is None or math.isfinite(x):
         return x
     return None
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (anywhere inside) replaced by None.
+
+    JSON has no NaN or Infinity; Python's json module writes them anyway and
+    browsers' ``JSON.parse`` then rejects the whole message."""
+    if isinstance(value, float):
+        return _json_float(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """The one way livepp writes JSON: strict (no NaN/Infinity), UTF-8 kept."""
+    return json.dumps(json_safe(value), ensure_ascii=False, allow_nan=False)
 
 
 def to_json_dict(event: Event) -> dict[str, Any]:

@@ -126,6 +126,7 @@ class Monitor:
             if close is not None:
                 close()
             after_stop = getattr(iterator, "tokens_after_stop", None)
+            engine_reason = getattr(iterator, "engine_finish_reason", None)
             ended = time.perf_counter()
             first = first_token_at if first_token_at is not None else ended
             decode_s = ended - first
@@ -141,6 +142,7 @@ class Monitor:
                 # Decode-phase rate: tokens after the first over the time after it.
                 tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
                 tokens_after_stop=after_stop,
+                engine_finish_reason=engine_reason,
             )
             result.end = end
             self._emit(end, result)

@@ -16,14 +16,26 @@ TGI, llama.cpp's server and hosted APIs, asking for ``logprobs`` and
 
 Quirks handled: chunks that carry several tokens, chunks without logprobs
 (role-only first deltas, the final usage chunk, empty deltas), ``[DONE]``.
-Closing the stream (a policy stopped it) closes the HTTP connection, so the
-engine aborts the request; ``tokens_after_stop`` counts tokens that had
-already arrived but were not consumed.
+Closing the stream (a policy stopped it) shuts the socket down, whoever holds
+it (with HTTP/1.0 or ``Connection: close`` the response owns it), so the
+engine aborts the request at once; ``tokens_after_stop`` counts tokens that
+had already arrived but were not consumed when a policy or a cancel stopped
+the stream (None otherwise). :meth:`OpenAIStream.abort` does the same from
+another thread and wakes a read that is waiting for the next token.
+
+A stream that breaks off (the connection closes before ``[DONE]`` and before
+any finish reason, a truncated chunked body, a garbled status line) raises
+:class:`RemoteError`, so the run ends with reason ``error`` and keeps the
+tokens that arrived. Engine finish reasons are mapped onto livepp's contract
+(``stop``, ``tool_calls``, ``function_call`` → ``eos``; ``length`` →
+``length``; anything else, e.g. ``abort`` or ``content_filter`` → ``error``)
+and the engine's own word is kept in ``engine_finish_reason``.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import os
 import http.client
 import json
@@ -35,7 +47,15 @@ from urllib.parse import urlsplit
 from .events import TokenRecord, TopLogprob
 from .params import GenerationParams, LiveppError
 
-__all__ = ["OpenAIStream", "OpenAISource", "source_from_options"]
+__all__ = ["OpenAIStream", "OpenAISource", "RemoteError", "source_from_options", "map_finish_reason"]
+
+
+class RemoteError(LiveppError):
+    """The remote engine failed: unreachable, an HTTP error, a broken stream."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class OpenAISource:
@@ -118,12 +138,15 @@ class OpenAIStream:
         self.top_k = top_k
         self.tokens_after_stop: int | None = None
         self.finish_reason: str | None = None
+        self.engine_finish_reason: str | None = None
         self.received = 0
         self._conn: http.client.HTTPConnection | None = None
         self._response: http.client.HTTPResponse | None = None
+        self._sock: socket.socket | None = None
         self._pending: deque[TokenRecord] = deque()
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._finished = False
+        self._aborted = False
 
     # ---- connection --------------------------------------------------------
     def _open(self) -> None:
@@ -136,24 +159,68 @@ class OpenAIStream:
             headers["Authorization"] = f"Bearer {s.api_key}"
         where = f"{s.base_url} ({s.api})"
         try:
+            self._conn.connect()
+            # Keep the socket itself: with a closing response, http.client
+            # hands it to the response and the connection forgets it.
+            self._sock = self._conn.sock
+            if self._aborted:
+                raise RemoteError("aborted")
             self._conn.request("POST", path, body=json.dumps(self.body), headers=headers)
             self._response = self._conn.getresponse()
         except socket.timeout:
-            raise LiveppError(f"timed out after {s.timeout:g} s connecting to {where}") from None
+            self._fail_closed()
+            raise RemoteError(f"timed out after {s.timeout:g} s connecting to {where}") from None
+        except http.client.HTTPException as exc:
+            self._fail_closed()
+            raise RemoteError(f"{where} did not answer with valid HTTP ({type(exc).__name__}: {str(exc).strip()[:200]!r})") from None
         except OSError as exc:
-            raise LiveppError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        if self._response.status >= 400:
+            self._fail_closed()
+            raise RemoteError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        status = self._response.status
+        if status >= 400:
             detail = self._response.read(2000).decode("utf-8", "replace").strip()
-            self.close()
-            raise LiveppError(f"HTTP {self._response.status} from {where}: {detail or self._response.reason}")
+            self._fail_closed()
+            raise RemoteError(f"HTTP {status} from {where}: {detail or self._response.reason}", status=status)
+        kind = (self._response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+        if kind != "text/event-stream":
+            self._fail_closed()
+            raise RemoteError(f"{where} answered HTTP {status} with {kind or 'no content type'}, not a text/event-stream; is this an OpenAI-compatible streaming endpoint?")
+
+    def _fail_closed(self) -> None:
+        self._finished = True
+        self._shut()
 
     def close(self) -> None:
-        """Stop now: closing the socket makes the engine abort the request."""
-        if self._conn is not None:
+        """Stop now: shutting the socket down makes the engine abort the request."""
+        if not self._finished and self._response is not None:
+            # Stopped by the consumer (a policy, a cancel) before the end.
             self.tokens_after_stop = len(self._pending) + self._buffered_tokens()
+        self._finished = True
+        self._shut()
+
+    def abort(self) -> None:
+        """Stop from another thread: wakes a read blocked on the next token."""
+        self._aborted = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _shut(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+            sock.close()
+        if self._response is not None:
+            self._response.close()
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
-        self._finished = True
 
     def _buffered_tokens(self) -> int:
         # Tokens the socket already delivered but we did not parse: count the
@@ -191,31 +258,59 @@ class OpenAIStream:
         try:
             line = self._response.readline()
         except socket.timeout:
-            raise LiveppError(f"timed out after {self.source.timeout:g} s waiting for tokens from {where}") from None
-        except OSError as exc:
-            raise LiveppError(f"connection to {where} failed mid-stream: {exc}") from None
+            self._fail_closed()
+            raise RemoteError(f"timed out after {self.source.timeout:g} s waiting for tokens from {where}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            if self._aborted:
+                line = b""  # our own abort() woke the read
+            else:
+                self._fail_closed()
+                raise RemoteError(f"the stream from {where} broke off after {self.received} tokens ({type(exc).__name__}: {exc})") from None
         if not line:
-            self._finished = True  # the server closed the stream
-            if self._pending:
-                return
-            raise StopIteration
+            self._finished = True
+            self._flush_utf8()
+            if self._aborted:
+                raise StopIteration
+            if self.finish_reason is None:
+                # Closed before [DONE] and before any finish reason: the
+                # engine died or the connection dropped. What arrived is kept.
+                self._shut()
+                raise RemoteError(f"the stream from {where} ended after {self.received} tokens without [DONE] or a finish reason")
+            return
         line = line.strip()
         if not line.startswith(b"data:"):
             return  # SSE comments, event names and blank separators
         payload = line[5:].strip()
         if payload == b"[DONE]":
             self._finished = True
+            self._flush_utf8()
             return
         try:
             chunk = json.loads(payload)
         except json.JSONDecodeError:
-            raise LiveppError(f"malformed chunk from {where}: {payload[:200]!r}") from None
+            self._fail_closed()
+            raise RemoteError(f"malformed chunk from {where}: {payload[:200]!r}") from None
         if isinstance(chunk, dict) and "error" in chunk:
-            raise LiveppError(f"error from {where}: {chunk['error']}")
+            self._fail_closed()
+            raise RemoteError(f"error from {where}: {chunk['error']}")
         try:
             self._pending.extend(self._records(chunk))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise LiveppError(f"malformed chunk from {where} ({exc}): {payload[:200]!r}") from None
+            self._fail_closed()
+            raise RemoteError(f"malformed chunk from {where} ({exc}): {payload[:200]!r}") from None
+        if self.finish_reason is not None:
+            # The engine has said its last token; what follows ([DONE], a
+            # usage chunk) carries none, so the stream is complete here.
+            self._finished = True
+            self._flush_utf8()
+
+    def _flush_utf8(self) -> None:
+        # Bytes of a character the engine never finished come out as U+FFFD
+        # on the last token rather than vanish.
+        rest = self._utf8.decode(b"", final=True)
+        if rest and self._pending:
+            last = self._pending.pop()
+            self._pending.append(dataclasses.replace(last, text=last.text + rest))
 
     def _records(self, chunk: dict[str, Any], *, count_only: bool = False) -> list[Any]:
         choices = chunk.get("choices") or []
@@ -225,7 +320,8 @@ class OpenAIStream:
         finish = choice.get("finish_reason")
         if finish and not count_only:
             # Often on a last chunk that carries no token; the monitor reads it here.
-            self.finish_reason = _finish(finish)
+            self.finish_reason = map_finish_reason(finish)
+            self.engine_finish_reason = str(finish)
         logprobs = choice.get("logprobs") or {}
         if self.source.api == "chat":
             items = [
@@ -254,12 +350,16 @@ class OpenAIStream:
                 entropy=None,
                 top_logprobs=tuple(TopLogprob(-1, t, float(v)) for t, _, v in top_sorted[: self.top_k]),
                 confidence=conf,
-                finish_reason=_finish(finish) if last else None,
+                finish_reason=map_finish_reason(finish) if last else None,
             ))
         return records
 
 
-def _finish(reason: str | None) -> str | None:
-    if reason is None:
+_FINISH = {"stop": "eos", "eos": "eos", "tool_calls": "eos", "function_call": "eos", "length": "length"}
+
+
+def map_finish_reason(reason: str | None) -> str | None:
+    """An engine's finish reason in livepp's contract (see the module docstring)."""
+    if not reason:
         return None
-    return {"stop": "eos", "length": "length"}.get(reason, reason)
+    return _FINISH.get(str(reason), "error")

@@ -10,6 +10,7 @@ same index as it would have stopped the live generation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -32,14 +33,27 @@ class Trace:
     end_reason: str | None = None
 
 
+def _logprob(value: Any) -> float:
+    # --json writes a non-finite logprob (-inf: probability 0) as null.
+    return -math.inf if value is None else float(value)
+
+
+def _label(value: Any, where: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise LiveppError(f'{where}: "correct" must be true or false (a JSON boolean), got {value!r}')
+
+
 def _record(event: dict[str, Any], where: str) -> TokenRecord:
+    if "logprob" not in event:
+        raise LiveppError(f"{where}: malformed token event (no logprob)")
     try:
         return TokenRecord(
             token_id=int(event["token_id"]),
             text=str(event.get("text", "")),
-            logprob=float(event["logprob"]),
+            logprob=_logprob(event["logprob"]),
             entropy=None if event.get("entropy") is None else float(event["entropy"]),
-            top_logprobs=tuple(TopLogprob(int(t["token_id"]), str(t.get("text", "")), float(t["logprob"])) for t in event.get("top_logprobs") or ()),
+            top_logprobs=tuple(TopLogprob(int(t["token_id"]), str(t.get("text", "")), _logprob(t["logprob"])) for t in event.get("top_logprobs") or ()),
             confidence=None if event.get("confidence") is None else float(event["confidence"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
@@ -55,7 +69,7 @@ def read_traces(path: str | Path) -> list[Trace]:
     for where, event in iter_jsonl(p.read_text(encoding="utf-8"), str(p)):
         kind = event.get("type") if isinstance(event, dict) else None
         if kind == "start":
-            current = Trace([], dict(event.get("params") or {}), event.get("correct"))
+            current = Trace([], dict(event.get("params") or {}), _label(event.get("correct"), where))
             traces.append(current)
         elif kind == "token":
             if current is None:
@@ -66,9 +80,9 @@ def read_traces(path: str | Path) -> list[Trace]:
                 raise LiveppError(f"{where}: end event before any start event")
             current.end_reason = event.get("reason")
             if "correct" in event:
-                current.correct = event["correct"]
+                current.correct = _label(event["correct"], where)
         elif kind == "label" and traces:
-            traces[-1].correct = bool(event.get("correct"))
+            traces[-1].correct = _label(event.get("correct"), where)
         elif kind in ("policy", "error"):
             continue
         else:

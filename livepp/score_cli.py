@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any, Callable
 
 import click
 
+from .events import dumps
 from .jsonl import iter_jsonl
 from .params import LiveppError
 
@@ -42,10 +42,6 @@ def _records(text: str, name: str) -> list[dict[str, Any]]:
     if not records:
         raise LiveppError(f"{name} has no records")
     return records
-
-
-def _json_number(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 class _Progress:
@@ -161,8 +157,7 @@ def _print_single(result: Any, as_json: bool) -> None:
     summary = result.summary()
     if as_json:
         tokens = [{"token_id": t.token_id, "text": t.text, "logprob": t.logprob, "entropy": t.entropy} for t in result.tokens]
-        summary = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in summary.items()}
-        click.echo(json.dumps({"type": "score", **summary, "tokens": tokens}, ensure_ascii=False))
+        click.echo(dumps({"type": "score", **summary, "tokens": tokens}))
     else:
         click.echo(_describe(summary))
 
@@ -178,8 +173,8 @@ def _print_records(records: list[dict[str, Any]], one: Callable[[dict[str, Any]]
         summary = result.summary()
         if as_json:
             tokens = [{"token_id": t.token_id, "text": t.text, "logprob": t.logprob, "entropy": t.entropy} for t in result.tokens]
-            row = {k: (_json_number(v) if isinstance(v, float) else v) for k, v in summary.items()}
-            click.echo(json.dumps({"type": "record", "index": index, **row, "tokens": tokens}, ensure_ascii=False))
+            row = summary
+            click.echo(dumps({"type": "record", "index": index, **row, "tokens": tokens}))
         else:
             click.echo(f"record {index + 1}: PPL {summary['ppl']:.4f} · {summary['n_tokens']} tokens")
     n = sum(r.n_tokens for r in results)
@@ -194,7 +189,7 @@ def _print_records(records: list[dict[str, Any]], one: Callable[[dict[str, Any]]
         "first_token_rule": results[0].first_token_rule,
     }
     if as_json:
-        click.echo(json.dumps({"type": "corpus", **{k: (_json_number(v) if isinstance(v, float) else v) for k, v in corpus.items()}}, ensure_ascii=False))
+        click.echo(dumps({"type": "corpus", **corpus}))
     else:
         click.echo(
             f"corpus PPL (token-weighted, exp of mean NLL over all {n} tokens): {corpus['corpus_ppl']:.4f}\n"

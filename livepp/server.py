@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.exceptions import ConnectionClosed
 
 from .decoder import Decoder
-from .events import Event, TokenRecord, to_json_dict
+from .events import Event, TokenRecord, dumps, to_json_dict
 from .monitor import Monitor
 from .outbox import Outbox
 from .params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
@@ -210,7 +210,7 @@ class LiveppServer:
         async def send_loop() -> None:
             while True:
                 event = await outbox.get()
-                await ws.send(json.dumps(event, ensure_ascii=False))
+                await ws.send(dumps(event))
 
         sender = asyncio.create_task(send_loop())
         try:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from typing import IO, Callable
 
-from .events import Event, to_json_dict
+from .events import Event, dumps, to_json_dict
 
 __all__ = ["JsonlSink", "CallbackSink", "event_json"]
 
 
 def event_json(event: Event) -> str:
     """One event as one line of JSON (no trailing newline)."""
-    return json.dumps(to_json_dict(event), ensure_ascii=False, allow_nan=False)
+    return dumps(to_json_dict(event))
 
 
 class JsonlSink:

@@ -19,6 +19,23 @@ without a model. Definitions (see the README's "Numbers" section):
   while no group has filled yet).
 
 All sums are Neumaier-compensated so that a million updates do not drift.
+
+Logprobs outside (-inf, 0] (see the README's "Non-finite and out-of-range
+logprobs"):
+
+* a logprob a little above 0 can only come from rounding (an engine's
+  float16 or a JSON round trip); it is clamped to 0, so PPL is never below 1;
+* a logprob of -inf (a token of probability 0 under the model, as llama.cpp
+  and other engines can report), NaN, +inf or null is an *infinite NLL*: it
+  makes ``mean_nll``/``ppl`` infinite for the rest of the run (the sequence
+  had probability 0), ``window_ppl`` infinite until it leaves the window, and
+  ``ema_nll`` infinite until the next finite token, which re-seeds the EMA.
+  Its ``surprise_z`` is +inf; the Welford mean and deviation skip it, so the
+  z of later tokens stays defined. Every policy therefore sees it as worse
+  than any threshold, and the state recovers as the window moves on.
+* a non-finite entropy is left out of ``mean_entropy``; a confidence of
+  +inf (a top-k holding zero-probability tokens: a very peaked
+  distribution) makes the group confidence +inf while it is in the group.
 """
 
 from __future__ import annotations
@@ -55,9 +72,14 @@ class CompensatedSum:
 
 
 class RollingMean:
-    """Mean of the last ``size`` values: a ring buffer plus a compensated sum."""
+    """Mean of the last ``size`` values: a ring buffer plus a compensated sum.
 
-    __slots__ = ("size", "_buf", "_pos", "_count", "_sum")
+    Non-finite values never enter the sum (inf − inf would poison it with NaN
+    for good); they are counted instead, and the mean is ±inf or NaN exactly
+    while one of them is inside the window, as the plain formula would give.
+    """
+
+    __slots__ = ("size", "_buf", "_pos", "_count", "_sum", "_pos_inf", "_neg_inf", "_nan")
 
     def __init__(self, size: int) -> None:
         if size < 1:
@@ -67,14 +89,27 @@ class RollingMean:
         self._pos = 0
         self._count = 0
         self._sum = CompensatedSum()
+        self._pos_inf = 0
+        self._neg_inf = 0
+        self._nan = 0
+
+    def _account(self, x: float, sign: int) -> None:
+        if math.isfinite(x):
+            self._sum.add(sign * x)
+        elif x > 0:
+            self._pos_inf += sign
+        elif x < 0:
+            self._neg_inf += sign
+        else:
+            self._nan += sign
 
     def push(self, x: float) -> None:
         if self._count == self.size:
-            self._sum.add(-self._buf[self._pos])
+            self._account(self._buf[self._pos], -1)
         else:
             self._count += 1
         self._buf[self._pos] = x
-        self._sum.add(x)
+        self._account(x, 1)
         self._pos = (self._pos + 1) % self.size
 
     @property
@@ -87,7 +122,20 @@ class RollingMean:
 
     @property
     def mean(self) -> float:
-        return self._sum.value / self._count if self._count else math.nan
+        if not self._count or self._nan or (self._pos_inf and self._neg_inf):
+            return math.nan
+        if self._pos_inf:
+            return math.inf
+        if self._neg_inf:
+            return -math.inf
+        return self._sum.value / self._count
+
+
+def nll_of(logprob: float | None) -> float:
+    """The NLL the tracker counts for a reported logprob (module docstring)."""
+    if logprob is None or not logprob > -math.inf or logprob == math.inf:
+        return math.inf  # -inf, NaN, +inf, null: probability 0 or unknown
+    return -logprob if logprob < 0.0 else 0.0
 
 
 def _exp(x: float) -> float:
@@ -113,6 +161,7 @@ class Tracker:
         self.ema_alpha = ema_alpha
         self.confidence_window = confidence_window
         self._nll_sum = CompensatedSum()
+        self._n_infinite = 0
         self._entropy_sum = CompensatedSum()
         self._n_entropy = 0
         self._window = RollingMean(window)
@@ -130,24 +179,35 @@ class Tracker:
 
     def update(
         self,
-        logprob: float,
+        logprob: float | None,
         *,
         entropy: float | None = None,
         confidence: float | None = None,
     ) -> None:
-        nll = -logprob
-        self.surprise_z = self._z_against_history(nll)
+        nll = nll_of(logprob)
         self._n += 1
         self.last_nll = nll
-        self._nll_sum.add(nll)
         self._window.push(nll)
-        self._ema = nll if self._n == 1 else self.ema_alpha * nll + (1.0 - self.ema_alpha) * self._ema
-        delta = nll - self._w_mean
-        self._w_mean += delta / self._n
-        self._w_m2 += delta * (nll - self._w_mean)
-        if entropy is not None:
+        if math.isinf(nll):
+            self.surprise_z = math.inf
+            self._n_infinite += 1
+            self._ema = math.inf
+        else:
+            self.surprise_z = self._z_against_history(nll)
+            self._nll_sum.add(nll)
+            # Seeded by the first finite token, and again after an infinite one.
+            finite_before = self._n - 1 - self._n_infinite
+            reseed = finite_before == 0 or math.isinf(self._ema)
+            self._ema = nll if reseed else self.ema_alpha * nll + (1.0 - self.ema_alpha) * self._ema
+            n_finite = finite_before + 1
+            delta = nll - self._w_mean
+            self._w_mean += delta / n_finite
+            self._w_m2 += delta * (nll - self._w_mean)
+        if entropy is not None and math.isfinite(entropy):
             self._entropy_sum.add(entropy)
             self._n_entropy += 1
+        if confidence is not None and math.isnan(confidence):
+            confidence = None  # not computed
         self.token_confidence = confidence
         if confidence is not None:
             self._groups.push(confidence)
@@ -160,9 +220,11 @@ class Tracker:
                 self._had_full_group = True
 
     def _z_against_history(self, nll: float) -> float | None:
-        if self._n < 2:
+        # Called before this token is counted in the Welford state.
+        n_hist = self._n - 1 - self._n_infinite
+        if n_hist < 2:
             return None
-        var = self._w_m2 / (self._n - 1)
+        var = self._w_m2 / (n_hist - 1)
         if var <= 0.0:
             return None
         return (nll - self._w_mean) / math.sqrt(var)
@@ -172,8 +234,15 @@ class Tracker:
         return self._n
 
     @property
+    def n_infinite(self) -> int:
+        """Tokens counted with an infinite NLL (logprob -inf, NaN or missing)."""
+        return self._n_infinite
+
+    @property
     def mean_nll(self) -> float:
-        return self._nll_sum.value / self._n if self._n else math.nan
+        if not self._n:
+            return math.nan
+        return math.inf if self._n_infinite else self._nll_sum.value / self._n
 
     @property
     def ppl(self) -> float:
@@ -205,7 +274,8 @@ class Tracker:
 
     @property
     def nll_std(self) -> float:
-        return math.sqrt(self._w_m2 / (self._n - 1)) if self._n > 1 else math.nan
+        n_finite = self._n - self._n_infinite
+        return math.sqrt(self._w_m2 / (n_finite - 1)) if n_finite > 1 else math.nan
 
     @property
     def group_confidence(self) -> float | None:

@@ -93,10 +93,18 @@ def test_early_stop_aborts_the_server_request(engine):
     url, log = engine
     params = GenerationParams(max_new_tokens=400, ignore_eos=True)
     source = OpenAISource(url, "smollm2")
-    result = Monitor(policies=[EarlyStop(1.0001, metric="ppl", min_tokens=3)]).run(
-        source.stream("Write a very long story about the sea.", params))
+    before = log.read_text().lower().count("disconnect")
+    stream = source.stream("Write a very long story about the sea.", params)
+    result = Monitor(policies=[EarlyStop(1.0001, metric="ppl", min_tokens=3)]).run(stream)
     assert result.end.reason == "policy" and result.end.n_tokens == 3
-    assert result.end.tokens_after_stop is not None
+    assert isinstance(result.end.tokens_after_stop, int) and result.end.tokens_after_stop >= 0
+    # `stream` is still referenced: the disconnect must come from close(),
+    # not from garbage collection.
+    deadline = time.time() + 10
+    while log.read_text().lower().count("disconnect") <= before and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().lower().count("disconnect") > before, "the server never noticed the client leaving"
+    assert stream._sock is None
     deadline = time.time() + 10
     while "disconnect" not in log.read_text().lower() and time.time() < deadline:
         time.sleep(0.2)

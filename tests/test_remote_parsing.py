@@ -188,28 +188,190 @@ def test_connection_refused_and_timeout():
         OpenAISource("ftp://x", "m")
 
 
-def test_partial_stream_keeps_what_arrived():
+def run_collecting(url, **kwargs):
+    """Run to the end or an error; the events the monitor emitted either way."""
+    from livepp import CallbackSink
+
+    events = []
+    source = OpenAISource(url, "smollm2", api=kwargs.pop("api", "chat"), timeout=10.0)
+    error = None
+    try:
+        Monitor(sinks=[CallbackSink(events.append)]).run(source.stream("What is 2+2?", GenerationParams(max_new_tokens=32)))
+    except LiveppError as exc:
+        error = exc
+    return events, error
+
+
+def test_partial_stream_keeps_what_arrived_and_ends_as_error():
     body = fixture("chat_stream.sse")
-    cut = body.index(b"\n\n", len(body) // 2) + 2  # the server dies half-way
+    cut = body.index(b"\n\n", len(body) // 2) + 2  # the server dies half-way, cleanly
     stub = Stub(body, cut_after=cut)
+    try:
+        events, error = run_collecting(stub.url)
+    finally:
+        stub.close()
+    lps, _ = expected_from_sse(body[:cut], "chat")
+    tokens = [e for e in events if e.type == "token"]
+    assert [t.logprob for t in tokens] == lps and len(lps) > 0
+    end = events[-1]
+    assert end.type == "end" and end.reason == "error" and end.n_tokens == len(lps)
+    assert error is not None and "without [DONE]" in str(error)
+
+
+class RawStub:
+    """A loopback server that writes the given bytes verbatim after reading a request."""
+
+    def __init__(self, raw: bytes, *, hold: float = 0.0) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.raw, self.hold = raw, hold
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(self.raw)
+            threading.Event().wait(self.hold)
+
+    def close(self):
+        self.sock.close()
+
+
+def chunked(body: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in body.splitlines(keepends=True))
+
+
+def test_truncated_chunked_response_ends_as_error_with_a_clear_message():
+    body = fixture("chat_stream.sse")
+    encoded = chunked(body)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    stub = RawStub(head + encoded[: len(encoded) // 2])  # then the socket closes mid-chunk
+    try:
+        events, error = run_collecting(stub.url)
+    finally:
+        stub.close()
+    assert isinstance(error, LiveppError) and "broke off" in str(error)
+    assert events[-1].type == "end" and events[-1].reason == "error" and events[-1].n_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b"garbage that is not HTTP\r\n\r\n", "did not answer with valid HTTP"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}", "not a text/event-stream"),
+    ],
+)
+def test_bad_status_line_and_wrong_content_type_are_one_line_errors(raw, message):
+    stub = RawStub(raw)
+    try:
+        with pytest.raises(LiveppError, match=message) as info:
+            run(stub.url)
+    finally:
+        stub.close()
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("engine_reason,reason", [("abort", "error"), ("content_filter", "error"), ("tool_calls", "eos"), ("stop", "eos"), ("length", "length")])
+def test_engine_finish_reasons_map_to_the_contract_and_are_kept(engine_reason, reason):
+    body = sse({"choices": [{"delta": {"content": "a"}, "logprobs": {"content": [
+        {"token": "a", "logprob": -0.5, "top_logprobs": []}]}, "finish_reason": engine_reason}]})
+    stub = Stub(body)
     try:
         result = run(stub.url)
     finally:
         stub.close()
-    lps, _ = expected_from_sse(body[:cut], "chat")
-    assert [t.logprob for t in result.tokens] == lps and len(lps) > 0
-    assert result.end.n_tokens == len(lps)
+    assert result.end.reason == reason and result.end.engine_finish_reason == engine_reason
+    assert result.end.tokens_after_stop is None  # nobody stopped it
 
 
-def test_early_stop_closes_the_stream():
+def test_utf8_decoder_is_flushed_at_the_end():
+    e = "é".encode()
+    body = sse({"choices": [{"delta": {"content": "x"}, "logprobs": {"content": [
+        {"token": "x", "logprob": -1.0, "bytes": list(b"x"), "top_logprobs": []},
+        {"token": "\\xc3", "logprob": -0.2, "bytes": [e[0]], "top_logprobs": []},  # never completed
+    ]}, "finish_reason": "length"}]})
+    stub = Stub(body)
+    try:
+        result = run(stub.url)
+    finally:
+        stub.close()
+    assert result.end.text == "x\ufffd"
+
+
+class SlowHTTP10Stub:
+    """An HTTP/1.0 engine (the response owns the socket) that streams one event
+    every 50 ms for a long time and records when its client goes away."""
+
+    def __init__(self) -> None:
+        stub = self
+        self.disconnected = threading.Event()
+        self.sent = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                chunk = {"choices": [{"delta": {"content": "a"}, "logprobs": {"content": [
+                    {"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "a", "logprob": -0.5}]}]}, "finish_reason": None}]}
+                try:
+                    for _ in range(2000):
+                        self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                        self.wfile.flush()
+                        stub.sent += 1
+                        threading.Event().wait(0.05)
+                except (BrokenPipeError, ConnectionResetError):
+                    stub.disconnected.set()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_early_stop_closes_the_stream_while_it_is_still_referenced():
     from livepp import EarlyStop
 
-    body = fixture("chat_stream.sse")
-    stub = Stub(body, chunk_delay=0.02)
+    stub = SlowHTTP10Stub()
+    source = OpenAISource(stub.url, "smollm2", timeout=10.0)
+    stream = source.stream("hi", GenerationParams(max_new_tokens=1000))
     try:
-        result = run(stub.url, policies=[EarlyStop(1.0001, metric="ppl", min_tokens=2)])
+        result = Monitor(policies=[EarlyStop(1.0001, metric="ppl", min_tokens=2)]).run(stream)
         assert result.end.reason == "policy" and result.end.n_tokens == 2
-        assert result.end.tokens_after_stop is not None
-        assert stub.disconnected.wait(5), "the stub never saw the client go away"
+        assert isinstance(result.end.tokens_after_stop, int) and result.end.tokens_after_stop >= 0
+        # `stream` is still referenced here, so garbage collection cannot be
+        # what closes the socket.
+        assert stub.disconnected.wait(5), "the engine kept streaming to a stopped client"
+        assert stream._sock is None
     finally:
+        stub.close()
+
+
+def test_abort_from_another_thread_wakes_a_waiting_read():
+    stub = SlowHTTP10Stub()
+    source = OpenAISource(stub.url, "smollm2", timeout=30.0)
+    stream = source.stream("hi", GenerationParams(max_new_tokens=1000))
+    try:
+        next(stream)
+        threading.Timer(0.2, stream.abort).start()
+        import time
+
+        t0 = time.perf_counter()
+        rest = list(stream)  # blocks on the socket until abort() wakes it
+        assert time.perf_counter() - t0 < 5
+        assert len(rest) < 200
+        assert stub.disconnected.wait(5)
+    finally:
+        stream.close()
         stub.close()
