@@ -95,9 +95,14 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--max-length", type=click.IntRange(min=2), default=None, help="Window length in tokens (sliding-window PPL).")
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between window starts (default: max-length).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Windows per forward pass.")
+@click.option("--convention", type=click.Choice(["hf", "lm-eval"]), default="hf", show_default=True,
+              help="Which tokens of a text are scored: hf = the tokenizer's own special tokens, the first token unscored "
+                   "when no BOS is added (the Hugging Face guide); lm-eval = every token, after a prefix token, in "
+                   "lm-evaluation-harness's loglikelihood_rolling windows.")
+@click.option("--prefix-token", default=None, metavar="bos|eos|ID", help="lm-eval: the token before the text (default: BOS, else EOS).")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
-def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, model_path, as_json) -> None:
+def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -107,6 +112,7 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
       livepp score --prompt "The capital of France is" --target " Paris."
       livepp score --chat --prompt "What is 2+3?" --target "2 + 3 = 5"
       livepp score records.jsonl --json
+      livepp score notes.txt --max-length 512 --convention lm-eval
     """
     from .cli import _fail
 
@@ -121,13 +127,26 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
             if sys.stdin.isatty():
                 raise LiveppError("give a FILE, '-' for standard input, or --prompt and --target")
             source = "-"
+        if convention == "lm-eval":
+            if stride is not None:
+                raise LiveppError("--convention lm-eval has its own windows; --stride does not apply")
+            if prompt is not None:
+                raise LiveppError("--convention lm-eval scores whole texts; for --prompt/--target both conventions agree (the tokenizer's own rule)")
+        elif prefix_token is not None:
+            raise LiveppError("--prefix-token goes with --convention lm-eval")
+        prefix: str | int | None = prefix_token
+        if prefix_token is not None and prefix_token not in ("bos", "eos"):
+            try:
+                prefix = int(prefix_token)
+            except ValueError:
+                raise LiveppError(f"--prefix-token must be bos, eos or a token id, got {prefix_token!r}") from None
         options = dict(max_length=max_length, stride=stride, batch_size=batch_size)
         text = _read_input(source) if source is not None else None
         jsonl = as_jsonl or (source is not None and source.endswith(".jsonl"))
         records = _records(text, source) if jsonl else None
 
         from .models import load_model
-        from .scoring import score_target, score_text
+        from .scoring import score_target, score_text, score_text_lm_eval
 
         loaded = load_model(model_path)
         progress = _Progress()
@@ -137,6 +156,9 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
             try:
                 if "prompt" in rec:
                     return score_target(loaded, rec["prompt"], rec["target"], chat=chat, **options)
+                if convention == "lm-eval":
+                    opts = {k: v for k, v in options.items() if k != "stride"}
+                    return score_text_lm_eval(loaded, rec["text"], prefix_token=prefix, **opts)
                 return score_text(loaded, rec["text"], **options)
             finally:
                 progress.close()

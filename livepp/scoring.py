@@ -1,10 +1,21 @@
 """Teacher-forced scoring of given text: PPL of a text, of a target given a
 prompt, and of long documents with sliding windows.
 
-One rule for the first token, everywhere: when the tokenizer defines a BOS
-token, it is put before the text and every text token is scored (the first
-one conditioned on BOS alone); when it defines none, the first token has no
-context and is not scored. :attr:`ScoreResult.first_token_rule` says which.
+Which tokens are scored follows the tokenizer's own rule, as the Hugging Face
+guide, LightLLM and lm-evaluation-harness do: a text (or prompt + target) is
+tokenized with the tokenizer's default special tokens, ``tokenizer(text)``.
+A tokenizer that adds a BOS token (Llama, Gemma) gets every text token scored,
+the first conditioned on BOS; one that adds none (SmolLM2, whose ``bos_token``
+is the chat marker ``<|im_start|>`` and is not added to plain text) leaves the
+first text token unscored, since nothing predicts it. Every result states
+its rule in :attr:`ScoreResult.first_token_rule`.
+
+Whole texts can also be scored by lm-evaluation-harness's
+``loglikelihood_rolling`` convention (``convention="lm-eval"``): every token is
+scored, the first after a prefix token (the tokenizer's BOS, else its EOS,
+or a given id); the text is cut into disjoint windows of ``max_length``
+predicted tokens, each later window with the one token before it as context,
+except the last, which gets a full window of ``max_length`` left context.
 
 Sliding windows follow Hugging Face's "perplexity of fixed-length models"
 recipe exactly: windows of ``max_length`` tokens starting every ``stride``
@@ -29,6 +40,8 @@ from .models import LoadedModel
 from .params import LiveppError
 
 __all__ = [
+    "CONVENTIONS",
+    "lm_eval_windows",
     "ScoredToken",
     "ScoreResult",
     "Window",
@@ -130,20 +143,62 @@ def plan_windows(n: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-def _bos_rule(tokenizer: Any) -> tuple[list[int], str]:
-    bos = tokenizer.bos_token_id
-    if bos is not None:
-        return [int(bos)], f"every token scored; the first is conditioned on BOS {tokenizer.bos_token!r}"
-    return [], "the first token is not scored (the tokenizer has no BOS token to condition it on)"
+CONVENTIONS = ("hf", "lm-eval")
+
+
+def _added_specials(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """``tokenizer(text)`` and the special ids it put before the text's own."""
+    with_specials = [int(i) for i in tokenizer(text)["input_ids"]]
+    plain = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    lead = with_specials[: len(with_specials) - len(plain)] if with_specials[len(with_specials) - len(plain):] == plain else []
+    return with_specials, lead
+
+
+def _hf_rule(tokenizer: Any, lead: list[int]) -> str:
+    if lead:
+        names = " ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in lead)
+        return f"hf: tokenizer(text) adds {names} before the text; every text token is scored"
+    return "hf: tokenizer(text) adds no BOS, so the first text token has no context and is not scored"
+
+
+def prefix_token_id(tokenizer: Any, prefix: str | int | None = None) -> int:
+    """lm-evaluation-harness's prefix token: BOS, else EOS (or as given)."""
+    if isinstance(prefix, int):
+        return prefix
+    if prefix not in (None, "bos", "eos"):
+        raise LiveppError(f"prefix token must be bos, eos or a token id, got {prefix!r}")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chosen = eos if prefix == "eos" else bos if prefix == "bos" else (bos if bos is not None else eos)
+    if chosen is None:
+        raise LiveppError(f"the tokenizer has no {prefix or 'BOS or EOS'} token to use as the prefix; give a token id")
+    return int(chosen)
 
 
 def text_ids(loaded: LoadedModel, text: str) -> tuple[list[int], int, str]:
-    """Ids to score a text: (ids, index of the first scored position, rule)."""
+    """Ids to score a text by the default (hf) rule: (ids, first scored position, rule)."""
     if not isinstance(text, str) or not text.strip():
         raise LiveppError("the text to score is empty")
-    prefix, rule = _bos_rule(loaded.tokenizer)
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return prefix + [int(i) for i in ids], 1, rule
+    ids, lead = _added_specials(loaded.tokenizer, text)
+    return ids, max(len(lead), 1), _hf_rule(loaded.tokenizer, lead)
+
+
+def lm_eval_windows(n_tokens: int, max_length: int) -> list[Window]:
+    """lm-evaluation-harness's rolling windows (``get_rolling_token_windows``
+    with ``context_len=1`` and ``make_disjoint_window``) over ``[prefix] +
+    tokens``, in positions of that sequence: each window feeds ``max_length``
+    tokens (fewer for a short text) and scores its disjoint share."""
+    if max_length < 1:
+        raise LiveppError(f"max_length must be >= 1, got {max_length}")
+    windows = []
+    first = min(max_length, n_tokens)
+    windows.append(Window(0, first + 1, 1))
+    predicted = first
+    while predicted < n_tokens:
+        length = min(n_tokens - predicted, max_length)
+        end = predicted + length  # in text-token positions
+        windows.append(Window(end - max_length, end + 1, predicted + 1))
+        predicted = end
+    return windows
 
 
 @torch.inference_mode()
@@ -160,7 +215,8 @@ def _score_windows(
     out: dict[int, tuple[float, float]] = {}
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        length = max(w.end - w.begin for w in batch)
+        # A window's last token is predicted, never fed: nothing reads its logits.
+        length = max(w.end - 1 - w.begin for w in batch)
         # Window-relative position p's logits predict token p+1, so a window
         # needs logits from score_from-1 to end-2. Keeping the last `keep`
         # positions of the padded batch covers every row's need.
@@ -168,7 +224,7 @@ def _score_windows(
         keep = length - first_needed
         # Right padding needs no attention mask: under causal attention real
         # positions never see the pad tokens that come after them.
-        rows = [ids[w.begin : w.end] + [0] * (length - (w.end - w.begin)) for w in batch]
+        rows = [ids[w.begin : w.end - 1] + [0] * (length - (w.end - 1 - w.begin)) for w in batch]
         logits = model(input_ids=torch.tensor(rows), use_cache=False, logits_to_keep=keep).logits
         for row, w in enumerate(batch):
             lo = (w.score_from - 1 - w.begin) - first_needed
@@ -279,18 +335,23 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
         if not getattr(tok, "chat_template", None):
             raise LiveppError("--chat: this model's tokenizer has no chat template")
         prefix_text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        prefix_ids: list[int] = []
+        # The template's text already holds its special tokens.
+        specials = False
         rule = "the chat template supplies the context; only target tokens are scored"
     else:
         prefix_text = prompt
-        prefix_ids, _ = _bos_rule(tok)
-        rule = "only target tokens are scored, each conditioned on " + ("BOS, " if prefix_ids else "") + "the prompt and the target before it"
+        specials = True
+        _, lead = _added_specials(tok, prompt)
+        added = " ".join(repr(tok.convert_ids_to_tokens(i)) for i in lead)
+        rule = (f"hf: prompt + target tokenized together by the tokenizer's own rule ({'adds ' + added if lead else 'no BOS added'}); "
+                "only target tokens are scored, each conditioned on everything before it")
     full = prefix_text + target
     boundary = len(prefix_text)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = prefix_ids + [int(i) for i in enc["input_ids"]]
-    offsets = [(0, 0)] * len(prefix_ids) + [tuple(o) for o in enc["offset_mapping"]]
-    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary and i >= len(prefix_ids)), None)
+    enc = tok(full, add_special_tokens=specials, return_offsets_mapping=True)
+    ids = [int(i) for i in enc["input_ids"]]
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    special_ids = set(getattr(tok, "all_special_ids", ()))
+    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary and not (ids[i] in special_ids and s == e)), None)
     if first is None:
         raise LiveppError("the target produced no tokens")
     if first == 0:
@@ -299,7 +360,7 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
     s, e = offsets[first]
     if s < boundary:
         straddle = {
-            "index": first - len(prefix_ids),
+            "index": first,
             "token_id": ids[first],
             "text": full[s:e],
             "prompt_part": full[s:boundary],
@@ -313,3 +374,34 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
             f"({straddle['prompt_part']!r} | {straddle['target_part']!r}); it is scored as a target token"
         )
     return result
+
+
+def score_text_lm_eval(loaded: LoadedModel, text: str, *, max_length: int | None = None, prefix_token: str | int | None = None,
+                       batch_size: int = 1, progress: Callable[[int], None] | None = None,
+                       on_plan: Callable[[int], None] | None = None) -> ScoreResult:
+    """PPL of a text by lm-evaluation-harness's ``loglikelihood_rolling``
+    convention (module docstring); ``max_length`` defaults to the context."""
+    if not isinstance(text, str) or not text.strip():
+        raise LiveppError("the text to score is empty")
+    tok = loaded.tokenizer
+    prefix = prefix_token_id(tok, prefix_token)
+    tokens = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    context = loaded.context_length
+    length = max_length or context
+    if length > context:
+        raise LiveppError(f"max_length {length} exceeds the model's context of {context} tokens")
+    ids = [prefix] + tokens
+    windows = lm_eval_windows(len(tokens), length)
+    if on_plan is not None:
+        on_plan(len(windows))
+    scored = _score_windows(loaded, ids, windows, batch_size=batch_size, progress=progress)
+    decode = tok.decode
+    rule = (f"lm-eval: every token scored, the first after the prefix token {tok.convert_ids_to_tokens(prefix)!r} (id {prefix}); "
+            f"disjoint windows of {length} predicted tokens, the last with a full window of context")
+    return ScoreResult(
+        tokens=[ScoredToken(ids[p], decode([ids[p]]), *scored[p]) for p in range(1, len(ids))],
+        first_token_rule=rule,
+        windows=len(windows),
+        max_length=length,
+        stride=None,
+    )

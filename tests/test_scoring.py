@@ -92,15 +92,19 @@ def test_target_ppl_is_the_mean_over_exactly_the_target_tokens(loaded):
     prompt, target = "The capital of France is", " Paris, a city on the Seine."
     result = score_target(loaded, prompt, target)
     tok = loaded.tokenizer
-    enc = tok(prompt + target, add_special_tokens=False, return_offsets_mapping=True)
+    # The tokenizer's own rule: SmolLM2's tok(text) adds no BOS, so the oracle
+    # scores exactly the target tokens after exactly the prompt's tokens.
+    assert tok.bos_token == "<|im_start|>" and tok(prompt)["input_ids"] == tok(prompt, add_special_tokens=False)["input_ids"]
+    enc = tok(prompt + target, return_offsets_mapping=True)
     target_positions = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s >= len(prompt)]
-    ids = [tok.bos_token_id] + enc["input_ids"]
+    ids = enc["input_ids"]
     with torch.inference_mode():
         logits = loaded.model(input_ids=torch.tensor([ids])).logits[0].float()
     lps = torch.log_softmax(logits, -1)
-    expected = [lps[p, ids[p + 1]].item() for p in target_positions]  # +1 for BOS, -1 for the shift
-    assert [t.token_id for t in result.tokens] == [enc["input_ids"][p] for p in target_positions]
+    expected = [lps[p - 1, ids[p]].item() for p in target_positions]
+    assert [t.token_id for t in result.tokens] == [ids[p] for p in target_positions]
     assert result.mean_nll == pytest.approx(-sum(expected) / len(expected), abs=1e-5)
+    assert "no BOS added" in result.first_token_rule
     assert result.straddling_token is None
     assert "".join(t.text for t in result.tokens) == target
 
@@ -224,10 +228,10 @@ def test_windowed_target_scores_only_target_tokens_and_skips_prompt_windows(load
     whole = score_target(loaded, prompt, target)
     windowed = score_target(loaded, prompt, target, max_length=12, stride=4)
     assert [t.token_id for t in windowed.tokens] == [t.token_id for t in whole.tokens]
-    n_ids = len(loaded.tokenizer(prompt + target, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+    ids = loaded.tokenizer(prompt + target)["input_ids"]
+    n_ids = len(ids)
     assert windowed.windows < len(plan_windows(n_ids, 12, 4))
     # Each target token gets the left context of the guide's window that scores it.
-    ids = [loaded.tokenizer.bos_token_id] + loaded.tokenizer(prompt + target, add_special_tokens=False)["input_ids"]
     plan = plan_windows(n_ids, 12, 4)
     for tok, pos in zip(windowed.tokens, range(n_ids - len(whole.tokens), n_ids)):
         w = next(w for w in plan if w.score_from <= pos < w.end)
