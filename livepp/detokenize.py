@@ -5,8 +5,10 @@ Chinese character or an emoji over several tokens), and some tokenizers strip
 a leading space when a sequence starts with a word piece. So each new token's
 text is the difference between decoding a short window of recent ids with and
 without the new ones, and text is held back while the window decodes to a
-trailing U+FFFD (an incomplete character). ``finish()`` releases whatever is
-held, so that the concatenated pieces equal ``tokenizer.decode(all_ids)``.
+trailing U+FFFD (an incomplete character). A character is at most 4 bytes, so
+at most 4 ids are ever held for that reason: beyond that the U+FFFD is real
+(a token that decodes to it) and is released. ``finish()`` releases whatever
+is held, so that the concatenated pieces equal ``tokenizer.decode(all_ids)``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ __all__ = ["IncrementalDetokenizer"]
 # How many ids before the unreleased ones are re-decoded as context; enough for
 # tokenizers whose decoding of a piece depends on its left neighbour.
 _CONTEXT = 6
+# The most ids an unfinished UTF-8 character can span (one byte each).
+_MAX_HELD = 4
 
 
 class IncrementalDetokenizer:
@@ -27,6 +31,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of the context window
         self._read_offset = 0  # ids before this are already released as text
+        self._released: list[str] = []
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
@@ -36,17 +41,35 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix) or not full.startswith(prefix):
+        held = len(self._ids) - self._read_offset
+        unfinished = full.endswith("\ufffd") and held <= _MAX_HELD
+        if unfinished or len(full) <= len(prefix) or not full.startswith(prefix):
             # An unfinished character (or a decode that rewrote its prefix):
             # wait for more ids before releasing anything.
             return ""
         self._prefix_offset = max(self._read_offset, len(self._ids) - _CONTEXT)
         self._read_offset = len(self._ids)
-        return full[len(prefix) :]
+        piece = full[len(prefix) :]
+        self._released.append(piece)
+        return piece
 
     def finish(self) -> str:
-        """Release held-back text, decoded as the full decode would show it."""
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
+        """Release held-back text: what ``decode(all ids)`` has beyond what
+        was released (once per generation, so decoding everything is cheap)."""
         self._read_offset = len(self._ids)
-        return full[len(prefix) :] if full.startswith(prefix) else ""
+        released = "".join(self._released)
+        full = self._decode(self._ids)
+        if full.startswith(released):
+            rest = full[len(released) :]
+        else:
+            # The full decode rewrote text already released (a tokenizer whose
+            # pieces depend on far context): release what follows the longest
+            # common prefix rather than drop it.
+            common = 0
+            for a, b in zip(full, released):
+                if a != b:
+                    break
+                common += 1
+            rest = full[max(common, len(released)) :] if len(full) > len(released) else ""
+        self._released = [released + rest]
+        return rest

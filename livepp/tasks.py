@@ -7,8 +7,11 @@ question, so a calibration is always evaluated on questions it did not see.
 
 The matcher (documented in the README): a reply is correct when
 * the accepted answer is a number and the *last* number in the reply equals
-  it (the model often restates the question: "3 + 4 = 7"); digits may carry
-  thousands separators, and "7.0" equals "7";
+  it (the model often restates the question: "3 + 4 = 7"). Numbers are read
+  as written: a comma is a thousands separator only between valid groups
+  ("1,234" is 1234; "1,2,3" is three numbers, the last 3); a minus sign makes
+  a number negative only when it does not join two numbers ("-5" and "= -5"
+  are −5; "3-4" is 3 and 4); "7.0" equals "7";
 * otherwise, the accepted answer, normalised (lower case, punctuation and
   accents folded, extra spaces removed, a leading "the"/"a"/"an" dropped), occurs in the
   normalised reply as whole words.
@@ -130,7 +133,9 @@ def _read_jsonl(path: Path) -> Iterable[Question]:
         yield Question(q, tuple(str(a) for a in answers))
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# A number starts where no digit, letter or point is just before it; its sign
+# counts only when no letter/digit is just before the sign ("3-4" is a range).
+_NUMBER = re.compile(r"(?<![0-9A-Za-z_.])(?:(?<![0-9A-Za-z_])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
 _ARTICLES = re.compile(r"^(the|a|an)\s+")
 
 

@@ -126,6 +126,43 @@ def test_incremental_detokenizer_round_trips_multibyte_text(loaded, text):
     assert len(ids) > len(text.encode("utf-8")) / 4
 
 
+def test_a_token_that_really_decodes_to_the_replacement_character_is_released(loaded):
+    tok = loaded.tokenizer
+    [fffd] = tok("\ufffd", add_special_tokens=False)["input_ids"]  # one token, U+FFFD itself
+    ids = tok("ok", add_special_tokens=False)["input_ids"] + [fffd] * 12
+    detok = IncrementalDetokenizer(tok)
+    calls = []
+    original = tok.decode
+
+    def counting(ids_, **kw):
+        calls.append(len(ids_))
+        return original(ids_, **kw)
+
+    tok.decode = counting
+    try:
+        pieces = [detok.add(i) for i in ids]
+    finally:
+        del tok.decode
+    # Held at most 4 ids (the longest UTF-8 character), then released: the
+    # decode window stays bounded instead of growing with every token.
+    assert "".join(pieces).count("\ufffd") >= 12 - 4
+    assert max(calls) <= 6 + 4 + 1
+    rest = detok.finish()
+    assert "".join(pieces) + rest == tok.decode(ids) == "ok" + "\ufffd" * 12
+
+
+def test_finish_releases_a_dangling_byte_at_the_end(loaded):
+    tok = loaded.tokenizer
+    # A dangling first byte of a character at the very end.
+    ids = tok("abc é", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.add(i) for i in ids]
+    partial = [i for i in range(tok.vocab_size) if tok.convert_ids_to_tokens(i) == "Ã"][:1]  # byte 0xC3 alone
+    pieces += [detok.add(i) for i in partial]
+    pieces.append(detok.finish())
+    assert partial and "".join(pieces) == tok.decode(ids + partial) == "abc é\ufffd"
+
+
 @pytest.mark.parametrize("prompt", ["用中文介绍一下你自己。", "Reply with only emoji: 🐱🎉🌍"])
 def test_streamed_text_round_trips_for_chinese_and_emoji_prompts(decoder, prompt):
     params = GenerationParams(max_new_tokens=40, temperature=0.8, seed=3)
