@@ -50,6 +50,9 @@ class Decoder:
         self.eos_ids = _eos_ids(loaded)
         self._static_cache: Any = None
         self._cache_len = 0
+        self._cache_len_fixed = False
+        self._static_owner: object | None = None
+        self._compiled = False
         self._grad_mode = torch.inference_mode
         self._decode_step = self._forward
 
@@ -77,20 +80,33 @@ class Decoder:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                 f"{self.context_length} tokens (at least one must be left to generate)"
             )
-        if self._static_cache is not None and len(prompt_ids) >= self._cache_len:
-            raise LiveppError(
-                f"the prompt has {len(prompt_ids)} tokens but the compiled decoder's cache holds "
-                f"{self._cache_len}"
-            )
+        if self._cache_len_fixed:
+            need = min(len(prompt_ids) + params.max_new_tokens, self.context_length)
+            if need > self._cache_len:
+                raise LiveppError(
+                    f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) need a KV cache of "
+                    f"{need} tokens, but the compiled decoder's cache holds {self._cache_len} (compile(max_cache_len=...))"
+                )
 
     # ---- model steps ------------------------------------------------------
-    def _new_cache(self) -> Any:
-        if self._static_cache is not None:
-            self._static_cache.reset()
+    def _new_cache(self, need: int) -> Any:
+        if self._compiled:
+            if self._static_cache is None or need > self._cache_len:
+                # Sized from prompt + max_new_tokens, in powers of two so that
+                # a new size (and a recompile) is rare.
+                from transformers import StaticCache
+
+                size = min(max(256, 1 << max(need - 1, 1).bit_length()), self.context_length)
+                self._cache_len = size
+                self._static_cache = StaticCache(config=self.model.config, max_cache_len=size)
+            else:
+                self._static_cache.reset()
             return self._static_cache
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)
+
+
 
     def _forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
         # input_ids: [1, T]; cache_position: [T] -> next-token logits [V]
@@ -103,20 +119,29 @@ class Decoder:
         )
         return out.logits[0, -1]
 
-    def compile(self, *, max_cache_len: int = 2048, **compile_kwargs: Any) -> "Decoder":
+    def compile(self, *, max_cache_len: int | None = None, **compile_kwargs: Any) -> "Decoder":
         """Opt in to torch.compile: a static KV cache and a compiled decode step.
 
         The first generation pays the compile time (minutes on a CPU). Greedy
-        results are the same token ids as the eager path.
+        results are the same token ids as the eager path. The static cache is
+        sized from each generation's prompt + max_new_tokens (a power of two,
+        grown and recompiled when a longer one comes); ``max_cache_len`` fixes
+        it instead, and a generation that does not fit is refused up front.
+        A compiled decoder has one cache, so it runs one stream at a time: a
+        second stream started while another is open is refused.
         """
-        from transformers import StaticCache
+        if max_cache_len is not None:
+            from transformers import StaticCache
 
-        max_cache_len = min(max_cache_len, self.context_length)
-        self._cache_len = max_cache_len
-        self._static_cache = StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+            if max_cache_len < 2:
+                raise LiveppError(f"max_cache_len must be >= 2, got {max_cache_len}")
+            self._cache_len = min(max_cache_len, self.context_length)
+            self._cache_len_fixed = True
+            self._static_cache = StaticCache(config=self.model.config, max_cache_len=self._cache_len)
         # Compiled graphs cannot capture inference tensors; no_grad is enough.
         self._grad_mode = torch.no_grad
         self._decode_step = torch.compile(self._forward, dynamic=False, **compile_kwargs)
+        self._compiled = True
         return self
 
     # ---- the generator ----------------------------------------------------
@@ -126,18 +151,29 @@ class Decoder:
         return self._stream(list(prompt_ids), params)
 
     def _stream(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
+        if not self._compiled:
+            yield from self._decode(prompt_ids, params)
+            return
+        if self._static_owner is not None:
+            raise LiveppError("a compiled decoder has one KV cache and runs one stream at a time; "
+                              "close the other stream first (or use an uncompiled Decoder for concurrent streams)")
+        owner = self._static_owner = object()
+        try:
+            yield from self._decode(prompt_ids, params)
+        finally:
+            if self._static_owner is owner:
+                self._static_owner = None
+
+    def _decode(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
         generator = None
         if not params.greedy and params.seed is not None:
             generator = torch.Generator().manual_seed(params.seed)
-        limit = self.context_length
-        if self._static_cache is not None:
-            limit = min(limit, self._cache_len)
         # Never run past the context: the last token must fit in it.
-        max_new = min(params.max_new_tokens, limit - len(prompt_ids))
+        max_new = min(params.max_new_tokens, self.context_length - len(prompt_ids))
         detok = IncrementalDetokenizer(self.tokenizer)
         stop_tail = max((len(s) for s in params.stop), default=0)
         text_tail = ""
-        cache = self._new_cache()
+        cache = self._new_cache(len(prompt_ids) + max_new)
 
         with self._grad_mode():
             n = len(prompt_ids)
