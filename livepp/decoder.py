@@ -25,7 +25,11 @@ from .models import LoadedModel
 from .params import GenerationParams, LiveppError
 from .sampling import next_token_stats, unpack_stats
 
-__all__ = ["Decoder"]
+__all__ = ["Decoder", "PromptTooLong"]
+
+
+class PromptTooLong(LiveppError):
+    """The prompt leaves no room in the model's context (or the compiled cache)."""
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -76,14 +80,14 @@ class Decoder:
         if not prompt_ids:
             raise LiveppError("the prompt has no tokens")
         if len(prompt_ids) >= self.context_length:
-            raise LiveppError(
+            raise PromptTooLong(
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is "
                 f"{self.context_length} tokens (at least one must be left to generate)"
             )
         if self._cache_len_fixed:
             need = min(len(prompt_ids) + params.max_new_tokens, self.context_length)
             if need > self._cache_len:
-                raise LiveppError(
+                raise PromptTooLong(
                     f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) need a KV cache of "
                     f"{need} tokens, but the compiled decoder's cache holds {self._cache_len} (compile(max_cache_len=...))"
                 )

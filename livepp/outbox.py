@@ -24,9 +24,18 @@ class Outbox:
         self._items: deque[dict[str, Any]] = deque()
         self._ready = asyncio.Event()
         self.coalesced = 0
+        self.dropped = 0
 
-    def put(self, event: dict[str, Any]) -> None:
-        """Queue an event; call on the event loop's thread."""
+    def put(self, event: dict[str, Any], *, droppable: bool = False) -> None:
+        """Queue an event; call on the event loop's thread.
+
+        ``droppable`` events (errors answering a refused message, which belong
+        to no running request) are dropped, and counted, while the outbox is
+        full: a client that floods bad messages and never reads cannot grow
+        the server's memory."""
+        if droppable and len(self._items) >= self.limit:
+            self.dropped += 1
+            return
         if event.get("type") == "token" and len(self._items) >= self.limit:
             for waiting in reversed(self._items):
                 if waiting.get("type") == "token" and waiting.get("id") == event.get("id"):

@@ -270,6 +270,7 @@ class OpenAIStream:
             self._finished = True
             self._flush_utf8()
             if self._aborted:
+                self.tokens_after_stop = len(self._pending)
                 raise StopIteration
             if self.finish_reason is None:
                 # Closed before [DONE] and before any finish reason: the

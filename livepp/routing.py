@@ -119,6 +119,9 @@ class RouteOutcome:
     early: bool
     long_route: str | None = None
     long: LongAnswer | None = None
+    # "cancelled" or "shutdown" when the request was stopped before an answer:
+    # then no decision was made and no long stage ran.
+    stopped: str | None = None
 
     @property
     def answer(self) -> str:
@@ -139,6 +142,10 @@ class RouteOutcome:
         }
 
     def answer_dict(self) -> dict[str, Any]:
+        if self.stopped is not None:
+            return {"type": "answer", "text": None, "answer_from": None, "stopped": self.stopped,
+                    "tokens_short": self.tokens_short, "tokens_long": self.tokens_long,
+                    "tokens_total": self.tokens_short + self.tokens_long}
         return {
             "type": "answer", "text": self.answer, "answer_from": "long" if self.routed else "short",
             "tokens_short": self.tokens_short, "tokens_long": self.tokens_long,
@@ -168,6 +175,9 @@ def route(
     router = CARRouter(calibration, early=early)
     short = short_answer(decoder, question, max_new_tokens=short_max_new_tokens, sinks=sinks_for("short"), policies=[router])
     assert short.end is not None
+    if short.end.reason in ("cancelled", "shutdown"):
+        # Stopped from outside: no decision on a partial answer, no long stage.
+        return RouteOutcome(question, short, short.end.ppl, float("nan"), calibration.threshold, False, False, stopped=short.end.reason)
     routed_early = short.end.reason == "policy"
     ppl = short.end.ppl
     posterior = calibration.posterior_correct(ppl)
@@ -178,4 +188,7 @@ def route(
         on_decision(outcome)
     if routed:
         outcome.long = long_route.run(question.strip(), sinks_for("long"))
+        reason = outcome.long.detail.get("reason")
+        if reason in ("cancelled", "shutdown"):
+            outcome.stopped = reason
     return outcome

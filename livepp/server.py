@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import functools
 import json
+import os
 import secrets
 import signal
 import sys
@@ -41,6 +42,15 @@ from .policies import parse_policy
 __all__ = ["ServerConfig", "ModelRunner", "LiveppServer", "serve_forever"]
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+# Every code an error message from this server can carry (the README lists them).
+ERROR_CODES = (
+    "bad_json", "bad_message", "unknown_type", "bad_params", "message_too_large", "prompt_too_long",
+    "too_many_requests", "busy", "duplicate_id", "unknown_id", "shutting_down", "unsupported", "upstream_error", "internal",
+)
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -51,7 +61,23 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024
     outbox_limit: int = 256
     allowed_origins: tuple[str, ...] = ()
+    # Host header values accepted besides loopback and the bound address
+    # (DNS rebinding defence); "*" accepts any.
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 64
+    max_running_jobs: int = 32
+    max_stop_strings: int = 8
+    max_stop_length: int = 200
+    max_top_logprobs: int = 20
     calibration: str | None = None  # for "route"; default: the shipped one
+
+
+def _host_name(host_header: str) -> str:
+    """The host part of a Host header: "[::1]:8765" -> "::1", "a.b:80" -> "a.b"."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
 class ModelRunner:
@@ -91,17 +117,37 @@ class Job:
     id: str
     stop_reason: str | None = None
     done: asyncio.Future | None = None
+    # The request's last messages: sent only after the job has left its
+    # connection's table, so a client that reuses the id or sends its next
+    # request on seeing them is never refused as a duplicate or over limit.
+    final: list = None  # type: ignore[assignment]
+    # Remote streams to wake when the job is stopped from the event loop.
+    streams: list = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.final = []
+        self.streams = []
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        for stream in list(self.streams):
+            abort = getattr(stream, "abort", None)
+            if abort is not None:
+                abort()  # a remote read waiting for its next token wakes now
 
 
 class _OutboxSink:
     """Sends monitor events to a client's outbox, tagged with the request id."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox, request_id: str) -> None:
-        self.loop, self.outbox, self.request_id = loop, outbox, request_id
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox, request_id: str, job: "Job | None" = None) -> None:
+        self.loop, self.outbox, self.request_id, self.job = loop, outbox, request_id, job
 
     def emit(self, event: Event) -> None:
         data = to_json_dict(event)
         data["id"] = self.request_id
+        if event.type == "end" and self.job is not None:
+            self.job.final.append(data)  # sent when the job is released
+            return
         self.loop.call_soon_threadsafe(self.outbox.put, data)
 
 
@@ -116,6 +162,7 @@ class _JobStream:
         self._it = source
         self.job = job
         self._stopped: str | None = None
+        job.streams.append(source)
 
     @property
     def finish_reason(self) -> str | None:
@@ -124,6 +171,10 @@ class _JobStream:
     @property
     def tokens_after_stop(self) -> int | None:
         return getattr(self._it, "tokens_after_stop", None)
+
+    @property
+    def engine_finish_reason(self) -> str | None:
+        return getattr(self._it, "engine_finish_reason", None)
 
     def __iter__(self) -> "_JobStream":
         return self
@@ -134,12 +185,21 @@ class _JobStream:
             self._stopped = self.job.stop_reason
             self.close()
             raise StopIteration
-        return next(self._it)
+        try:
+            return next(self._it)
+        except Exception:  # StopIteration included
+            if self.job.stop_reason is None:
+                raise
+            # The stop woke a waiting remote read; that is a stop, not a failure.
+            self._stopped = self.job.stop_reason
+            raise StopIteration from None
 
     def close(self) -> None:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        if self._it in self.job.streams:
+            self.job.streams.remove(self._it)
 
 
 class _RunnerEngine:
@@ -154,6 +214,24 @@ class _RunnerEngine:
 
     def stream(self, prompt_ids: Any, params: GenerationParams) -> _JobStream:
         return _JobStream(self.runner.iterate(self.decoder.stream(prompt_ids, params)), self.job)
+
+
+def _error_code(exc: BaseException) -> str:
+    """The error code for a failure, chosen by its type, never by its text."""
+    from .decoder import PromptTooLong
+    from .remote import RemoteError
+
+    if isinstance(exc, PromptTooLong):
+        return "prompt_too_long"
+    if isinstance(exc, RemoteError):
+        return "upstream_error"
+    if isinstance(exc, LiveppError):
+        return "bad_params"
+    return "internal"
+
+
+def _one_line(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, LiveppError) else f"{type(exc).__name__}: {exc}"
 
 
 def _page() -> str:
@@ -175,8 +253,22 @@ class LiveppServer:
         self._page = _page()
 
     # ---- HTTP side: page, health, auth and origin checks -----------------
+    def host_allowed(self, host_header: str | None) -> bool:
+        """DNS rebinding defence: the Host header must name this server."""
+        allowed = self.config.allowed_hosts
+        if "*" in allowed:
+            return True
+        if not host_header:
+            return False
+        name = _host_name(host_header)
+        known = {*LOOPBACK_HOSTS, self.config.host.lower(), *(h.lower() for h in allowed)}
+        return name in known and name not in ("0.0.0.0", "::")
+
     def process_request(self, connection: Any, request: Any) -> Any:
         url = urlsplit(request.path)
+        hosts = request.headers.get_all("Host")
+        if len(hosts) != 1 or not self.host_allowed(hosts[0]):
+            return connection.respond(403, "unknown Host header (allow it with --allow-host)\n")
         if url.path == "/healthz":
             return connection.respond(200, "ok\n")
         if url.path in ("/", "/index.html"):
@@ -188,7 +280,8 @@ class LiveppServer:
         if url.path != "/ws":
             return connection.respond(404, "not found\n")
         origin = request.headers.get("Origin")
-        own = f"http://{request.headers.get('Host', '')}"
+        # The Host header was checked above, so a page's own origin is safe.
+        own = f"http://{hosts[0]}"
         if origin is not None and origin != own and origin not in self.config.allowed_origins:
             return connection.respond(403, f"origin {origin} not allowed\n")
         if self.config.token is not None:
@@ -196,8 +289,11 @@ class LiveppServer:
             auth = request.headers.get("Authorization", "")
             if auth.startswith("Bearer "):
                 given = auth[len("Bearer "):]
-            if given is None or not secrets.compare_digest(given, self.config.token):
+            # Bytes: compare_digest refuses non-ASCII str.
+            if given is None or not secrets.compare_digest(given.encode("utf-8"), self.config.token.encode("utf-8")):
                 return connection.respond(401, "missing or wrong token\n")
+        if len(self.outboxes) >= self.config.max_connections:
+            return connection.respond(503, f"too many connections (at most {self.config.max_connections})\n")
         return None
 
     # ---- websocket side --------------------------------------------------
@@ -219,15 +315,17 @@ class LiveppServer:
                     self._dispatch(message, jobs, outbox, loop)
                 except _ClientError as exc:
                     request_id = exc.__dict__.get("request_id")
-                    outbox.put({"type": "error", "id": request_id, "code": exc.code, "message": str(exc)})
+                    # A refused message's error may be dropped if the client
+                    # does not read (a flood of bad messages cannot grow memory).
+                    outbox.put({"type": "error", "id": request_id, "code": exc.code, "message": str(exc)}, droppable=True)
                 except Exception as exc:  # a bug of ours: say so, keep the connection
                     traceback.print_exc(file=sys.stderr)
-                    outbox.put({"type": "error", "id": None, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+                    outbox.put({"type": "error", "id": None, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}, droppable=True)
         except ConnectionClosed:
             pass  # a dropped connection ends the loop; the jobs are stopped below
         finally:
             for job in jobs.values():
-                job.stop_reason = job.stop_reason or "cancelled"
+                job.stop("cancelled")
             pending = [j.done for j in jobs.values() if j.done is not None]
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -246,6 +344,8 @@ class LiveppServer:
             data = json.loads(message)
         except json.JSONDecodeError as exc:
             raise _ClientError("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        except RecursionError:
+            raise _ClientError("bad_json", "JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise _ClientError("bad_message", "a message must be a JSON object")
         kind = data.get("type")
@@ -259,7 +359,7 @@ class LiveppServer:
                 job = jobs.get(request_id) if isinstance(request_id, str) else None
                 if job is None:
                     raise _ClientError("unknown_id", f"no running request with id {request_id!r}")
-                job.stop_reason = "cancelled"
+                job.stop("cancelled")
             else:
                 raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route or cancel")
         except _ClientError as exc:
@@ -282,10 +382,20 @@ class LiveppServer:
             [parse_policy(s) for s in specs]
         except (LiveppError, TypeError) as exc:
             raise _ClientError("bad_params", str(exc)) from None
-        if params.max_new_tokens > self.config.max_new_tokens_cap:
-            raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {self.config.max_new_tokens_cap}")
+        self._check_limits(params, specs)
         job = self._new_job(data, jobs)
-        self._launch(job, jobs, loop, self._run_job, prompt, params, specs, _OutboxSink(loop, outbox, job.id))
+        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, _OutboxSink(loop, outbox, job.id, job))
+
+    def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
+        c = self.config
+        if params.max_new_tokens > c.max_new_tokens_cap:
+            raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}")
+        if len(params.stop) > c.max_stop_strings or any(len(s) > c.max_stop_length for s in params.stop):
+            raise _ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
+        if params.top_logprobs > c.max_top_logprobs:
+            raise _ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
+        if len(specs) > 8:
+            raise _ClientError("bad_params", "at most 8 policies per request")
 
     def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
         request_id = data.get("id")
@@ -297,18 +407,28 @@ class LiveppServer:
             raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
         if self._shutting_down:
             raise _ClientError("shutting_down", "the server is shutting down")
+        if len(self.jobs) >= self.config.max_running_jobs:
+            raise _ClientError("busy", f"the server runs at most {self.config.max_running_jobs} requests at once; try again later")
         return Job(request_id)
 
-    def _launch(self, job: Job, jobs: dict[str, Job], loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+    def _launch(self, job: Job, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
         jobs[job.id] = job
         self.jobs.add(job)
-        job.done = loop.run_in_executor(self._workers, fn, job, *args)
 
-        def finished(_: Any) -> None:
+        def release() -> None:
+            # On the loop thread: leave the tables first, then say the last word.
             jobs.pop(job.id, None)
             self.jobs.discard(job)
+            for event in job.final:
+                outbox.put(event)
 
-        job.done.add_done_callback(finished)
+        def work() -> None:
+            try:
+                fn(job, *args)
+            finally:
+                loop.call_soon_threadsafe(release)
+
+        job.done = loop.run_in_executor(self._workers, work)
 
     def _start_route(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
         """{"type":"route","id","question","params":{"early":bool,"long_max_tokens":int,"short_max_tokens":int}}"""
@@ -321,10 +441,11 @@ class LiveppServer:
         known = {"early": bool, "long_max_tokens": int, "short_max_tokens": int}
         if not isinstance(opts, dict) or any(k not in known or not isinstance(v, known[k]) or isinstance(v, bool) != (known[k] is bool) for k, v in opts.items()):
             raise _ClientError("bad_params", f"route params: early (bool), long_max_tokens and short_max_tokens (int); got {opts!r}")
-        if min(opts.get("long_max_tokens", 1), opts.get("short_max_tokens", 1)) < 1 or opts.get("long_max_tokens", 0) > self.config.max_new_tokens_cap:
+        limits = [opts.get("long_max_tokens", 1), opts.get("short_max_tokens", 1)]
+        if min(limits) < 1 or max(limits) > self.config.max_new_tokens_cap:
             raise _ClientError("bad_params", f"token limits must be between 1 and {self.config.max_new_tokens_cap}")
         job = self._new_job(data, jobs)
-        self._launch(job, jobs, loop, self._run_route, question, opts, _OutboxSink(loop, outbox, job.id))
+        self._launch(job, jobs, outbox, loop, self._run_route, question, opts, _OutboxSink(loop, outbox, job.id))
 
     def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: _OutboxSink) -> None:
         from .car import DEFAULT_CALIBRATION, Calibration
@@ -346,15 +467,13 @@ class LiveppServer:
             outcome = route(
                 question, decoder=engine, calibration=cal, early=opts.get("early", False),
                 long_route=StepByStep(engine, max_new_tokens=opts.get("long_max_tokens", min(256, self.config.max_new_tokens_cap))),
-                short_max_new_tokens=opts.get("short_max_tokens", 24),
+                short_max_new_tokens=opts.get("short_max_tokens", min(24, self.config.max_new_tokens_cap)),
                 sinks_for=lambda stage: [Staged(stage)],
                 on_decision=lambda o: put(o.decision_dict()),
             )
-            put(outcome.answer_dict())
-        except LiveppError as exc:
-            put({"type": "error", "code": "bad_params", "message": str(exc)})
+            job.final.append(outcome.answer_dict() | {"id": job.id})
         except Exception as exc:
-            put({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
 
     def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: _OutboxSink) -> None:
         """Worker thread: one generation, every model step through the runner."""
@@ -371,8 +490,7 @@ class LiveppServer:
                 source = _JobStream(self.runner.iterate(decoder.stream(prompt_ids, params)), job)
                 model_name = decoder.loaded.name
         except LiveppError as exc:
-            code = "prompt_too_long" if "context" in str(exc) else "bad_params"
-            sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": code, "message": str(exc)})
+            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": str(exc)})
             return
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
         try:
@@ -382,18 +500,38 @@ class LiveppServer:
                 prompt_token_ids=prompt_ids,
                 params=params.to_dict() | {"window": 32},
             )
-        except Exception as exc:  # the end event (reason "error") has been sent
-            sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "error", "id": job.id, "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+        except Exception as exc:  # the end event (reason "error") is queued before this
+            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
 
     async def shutdown(self) -> None:
         """Stop every running generation with reason "shutdown" and wait for their ends."""
         self._shutting_down = True
         for job in list(self.jobs):
-            job.stop_reason = "shutdown"
+            job.stop("shutdown")
         pending = [j.done for j in list(self.jobs) if j.done is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self.runner.shutdown()
+
+
+class Interrupts:
+    """Ctrl-C handling: the first asks for a clean shutdown (running requests
+    end with reason "shutdown"), a second one forces the process out even if
+    the shutdown hangs."""
+
+    def __init__(self, stop: asyncio.Event, *, force_exit: Any = None) -> None:
+        self.stop = stop
+        self.count = 0
+        self.force_exit = force_exit or (lambda: os._exit(130))
+
+    def __call__(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            print("livepp: shutting down (Ctrl-C again to force)", file=sys.stderr, flush=True)
+            self.stop.set()
+        else:
+            print("livepp: forced exit", file=sys.stderr, flush=True)
+            self.force_exit()
 
 
 async def serve_forever(
@@ -410,9 +548,10 @@ async def serve_forever(
     config = server.config
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+    interrupts = Interrupts(stop)
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, interrupts)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported here
     # Frames above max_size close the connection at the protocol level; the
