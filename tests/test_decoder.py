@@ -106,8 +106,15 @@ def test_max_new_tokens_and_stop_strings(decoder):
     _, stopped = stream_all(decoder, "Count from 1 to 20, separated by commas.", GenerationParams(max_new_tokens=60, stop=("5",)))
     stopped_text = "".join(r.text for r in stopped)
     assert stopped[-1].finish_reason == "stop_string"
-    assert stopped_text.endswith("5") or "5" in stopped_text[-3:]
-    assert len(stopped) < len(full)
+    # The stop fires on the token that completes the first "5", not later:
+    # the same tokens as the full run up to there, and no "5" before the last token.
+    first = next(i for i in range(len(full)) if "5" in "".join(r.text for r in full[: i + 1]))
+    assert [r.token_id for r in stopped] == [r.token_id for r in full[: first + 1]]
+    assert "5" not in "".join(r.text for r in stopped[:-1]) and "5" in stopped[-1].text
+    # Two stop strings: whichever appears first ends the run.
+    _, either = stream_all(decoder, "Count from 1 to 20, separated by commas.", GenerationParams(max_new_tokens=60, stop=("7", "3")))
+    first3 = next(i for i in range(len(full)) if "3" in "".join(r.text for r in full[: i + 1]))
+    assert len(either) == first3 + 1
 
 
 UTF8_SAMPLES = ["你好，世界！今天天气很好。", "Cats 🐱🐶 and emoji 👩‍👩‍👧 mixed with 中文 and ñ é ü", "🎉🎉🎉 日本語のテキスト"]

@@ -84,3 +84,21 @@ def wait_for(condition, what, timeout=60):
             pass
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_generate_is_enabled_again_after_a_reconnect_mid_generation(decoder, browser):
+    server = RunningServer(decoder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        browser.find_element("id", "max").clear()
+        browser.find_element("id", "max").send_keys("200")
+        browser.find_element("id", "go").click()
+        wait_for(lambda: len(browser.find_elements("css selector", "#answer span.t")) >= 2, "tokens on the page")
+        assert not browser.find_element("id", "go").is_enabled()
+        browser.execute_script("ws.close()")  # the connection drops mid-generation; its end never comes
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "the reconnection", timeout=30)
+        assert browser.find_element("id", "go").is_enabled()
+        assert not browser.find_element("id", "stop").is_enabled()
+    finally:
+        server.stop()

@@ -112,6 +112,7 @@ def test_tracker_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, livepp.tracker, livepp.policies, livepp.events; print('torch' in sys.modules)"
+    modules = ["tracker", "policies", "events", "car", "outbox", "remote", "monitor", "replay", "sinks", "jsonl", "tasks", "params"]
+    code = "import sys\n" + "".join(f"import livepp.{m}\n" for m in modules) + "print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
