@@ -38,7 +38,6 @@ def test_calibrate_writes_calibration_and_report(calibration_file):
     out, data = calibration_file
     assert data["type"] == "calibration" and data["model"] == "SmolLM2-135M-Instruct"
     assert data["space"] in ("ppl", "log_ppl") and data["n_correct"] >= 3 and data["n_incorrect"] >= 3
-    assert 0 <= data["auroc"] <= 1 and 0 <= data["ece"] <= 1
     saved = json.loads(out.read_text())
     assert saved["threshold"] == 0.5 and saved["mean_correct"] == data["mean_correct"]
     report = out.parent / "calib-report"
@@ -47,11 +46,29 @@ def test_calibrate_writes_calibration_and_report(calibration_file):
     assert (report / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     labelled = jsonl((report / "labelled.jsonl").read_text())
     assert len(labelled) == 16 and {"question", "reply", "ppl", "correct", "posterior_correct"} <= set(labelled[0])
+    # AUROC of PPL as an error predictor, by brute force over every
+    # (incorrect, correct) pair: a higher PPL on the wrong answer counts 1, a tie 1/2.
+    bad = [a["ppl"] for a in labelled if not a["correct"]]
+    good = [a["ppl"] for a in labelled if a["correct"]]
+    pairs = [(b > g) + 0.5 * (b == g) for b in bad for g in good]
+    assert data["auroc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
+    assert (data["n_correct"], data["n_incorrect"]) == (len(good), len(bad))
+    # Each answer's label is the matcher's verdict on its reply.
+    from livepp.tasks import answer_matches
+
+    assert all(a["correct"] == answer_matches(a["reply"], a["answers"]) for a in labelled)
 
 
-@pytest.mark.parametrize("early", [False, True])
-def test_route_json_shows_every_stage(calibration_file, early):
-    out, _ = calibration_file
+def _with_threshold(calibration_file, tmp_path, threshold):
+    _, data = calibration_file
+    path = tmp_path / f"cal-{threshold}.json"
+    path.write_text(json.dumps({k: v for k, v in data.items() if k not in ("type", "files")} | {"threshold": threshold}))
+    return path
+
+
+@pytest.mark.parametrize("early,threshold,expected", [(False, 0.999999, "long"), (False, 1e-6, "short"), (True, 0.999999, "long"), (True, 1e-6, "short")])
+def test_route_json_shows_every_stage(calibration_file, tmp_path, early, threshold, expected):
+    out = _with_threshold(calibration_file, tmp_path, threshold)
     args = ["route", "What is 47 + 38?", "--calibration", str(out), "--long-max-tokens", "24", "--json"]
     r = cli(*args, *(["--early"] if early else []))
     assert r.exit_code == 0, r.output
@@ -61,6 +78,12 @@ def test_route_json_shows_every_stage(calibration_file, early):
     decision = next(e for e in events if e["type"] == "route")
     assert set(decision) >= {"ppl", "posterior_correct", "threshold", "decision", "early"}
     assert decision["ppl"] == pytest.approx(short[-1]["ppl"])
+    # A threshold no posterior reaches routes every answer; one every posterior
+    # passes keeps it; with --early the route comes at min_tokens, unfinished.
+    assert decision["decision"] == expected and decision["threshold"] == threshold
+    assert decision["early"] == (early and expected == "long")
+    if decision["early"]:
+        assert short[-1]["reason"] == "policy" and short[-1]["n_tokens"] == 2
     answer = events[-1]
     assert answer["type"] == "answer"
     assert answer["tokens_short"] == short[-1]["n_tokens"]
