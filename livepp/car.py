@@ -1,11 +1,23 @@
 """CAR calibration: one Gaussian per class over short-answer perplexity.
 
 From labelled short answers (PPL, correct?) fit a Gaussian to the correct
-ones and one to the incorrect ones, with class priors, and decide by Bayes:
+ones and one to the incorrect ones, with class priors, and decide by Bayes
+with one **shared (pooled) variance** σ² (method ``pooled_variance``):
 
-    P(correct | x) = π_c·N(x; μ_c, σ_c²) / (π_c·N(x; μ_c, σ_c²) + π_i·N(x; μ_i, σ_i²))
+    P(correct | x) = π_c·N(x; μ_c, σ²) / (π_c·N(x; μ_c, σ²) + π_i·N(x; μ_i, σ²))
+                   = sigmoid(a + b·x),  b = (μ_c − μ_i)/σ²,
+                     a = log(π_c/π_i) + (μ_i² − μ_c²)/(2σ²)
 
-where x is either the PPL or its log. Both are tried and the one whose fitted
+where x is either the PPL or its log. With a shared variance the posterior
+is logistic in x, hence monotone: a short answer the model finds more
+surprising is never trusted more. (Two class variances make the posterior
+rise again far out in the tail of the narrower class, which kept very
+surprising answers.) If the correct answers had the *higher* mean PPL, b
+would be positive; the posterior is then held at the prior (b = 0): PPL is
+no evidence of correctness in that direction. The per-class variances are
+still fitted and stored, for the report's histograms; files written before
+this method (no ``method`` field) load and are evaluated with the pooled
+variance of their two classes, weighted by their counts. Both are tried and the one whose fitted
 model gives the data the higher likelihood, measured in the same (PPL) space
 (the log fit's density carries the 1/PPL Jacobian), is kept; the file says
 which and both log-likelihoods, so the choice is visible. Answers whose
@@ -61,6 +73,25 @@ class Calibration:
     why_space: str = ""
     auroc: float | None = None
     ece: float | None = None
+    method: str = "pooled_variance"
+    var_pooled: float | None = None
+
+    @property
+    def pooled_variance(self) -> float:
+        if self.var_pooled is not None:
+            return self.var_pooled
+        n_c, n_i = max(self.n_correct, 1), max(self.n_incorrect, 1)
+        return (n_c * self.var_correct + n_i * self.var_incorrect) / (n_c + n_i)
+
+    @property
+    def logistic(self) -> tuple[float, float]:
+        """(a, b) of P(correct | x) = sigmoid(a + b·x) in the fitted space; b <= 0."""
+        v = self.pooled_variance
+        b = min((self.mean_correct - self.mean_incorrect) / v, 0.0)
+        if b == 0.0:
+            return math.log(self.prior_correct / (1.0 - self.prior_correct)), 0.0
+        a = math.log(self.prior_correct / (1.0 - self.prior_correct)) + (self.mean_incorrect**2 - self.mean_correct**2) / (2 * v)
+        return a, b
 
     def _x(self, ppl: float) -> float:
         if not ppl > 0.0:
@@ -71,13 +102,15 @@ class Calibration:
 
     def posterior_correct(self, ppl: float) -> float:
         """P(correct | this short answer's PPL)."""
+        a, b = self.logistic
         if math.isinf(ppl):
-            return 0.0
-        x = self._x(ppl)
-        a = math.log(self.prior_correct) + _gauss_logpdf(x, self.mean_correct, self.var_correct)
-        b = math.log(1.0 - self.prior_correct) + _gauss_logpdf(x, self.mean_incorrect, self.var_incorrect)
-        top = max(a, b)
-        return math.exp(a - top) / (math.exp(a - top) + math.exp(b - top))
+            if b < 0:
+                return 0.0
+            z = a
+        else:
+            z = a + b * self._x(ppl)  # b == 0 gives exactly a
+        # A numerically safe sigmoid.
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
     def should_route(self, ppl: float) -> bool:
         """Route to long reasoning when P(correct | ppl) is below the threshold."""
@@ -107,6 +140,8 @@ class Calibration:
         except TypeError as exc:
             raise LiveppError(f"calibration file {p} is missing fields: {exc}") from exc
         numbers = [cal.mean_correct, cal.var_correct, cal.mean_incorrect, cal.var_incorrect, cal.prior_correct, cal.threshold]
+        if cal.method != "pooled_variance":
+            raise LiveppError(f"calibration file {p} uses method {cal.method!r}, which this livepp does not know; re-run livepp calibrate")
         if cal.space not in ("ppl", "log_ppl") or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
             raise LiveppError(f"calibration file {p} has invalid values")
         if not (0 < cal.prior_correct < 1 and cal.var_correct > 0 and cal.var_incorrect > 0 and 0 < cal.threshold < 1):
@@ -146,8 +181,9 @@ def fit_calibration(
         f = math.log if kind == "log_ppl" else (lambda v: v)
         params = _fit_space([f(p) for p in good], [f(p) for p in bad])
         mc, vc, mi, vi = params
+        pooled = (len(good) * vc + len(bad) * vi) / (len(good) + len(bad))
         total = 0.0
-        for p, (m, v) in [(p, (mc, vc)) for p in good] + [(p, (mi, vi)) for p in bad]:
+        for p, (m, v) in [(p, (mc, pooled)) for p in good] + [(p, (mi, pooled)) for p in bad]:
             # Density in PPL space: a fit on log PPL carries the 1/PPL Jacobian.
             total += _gauss_logpdf(f(p), m, v) - (math.log(p) if kind == "log_ppl" else 0.0)
         return total, params
@@ -162,7 +198,8 @@ def fit_calibration(
         f"(the log fit includes the 1/PPL Jacobian); kept {space}"
     )
     mc, vc, mi, vi = ll[space][1]
-    cal = Calibration(model, space, mc, vc, mi, vi, prior, threshold, len(good), len(bad), why)
+    pooled = (len(good) * vc + len(bad) * vi) / (len(good) + len(bad))
+    cal = Calibration(model, space, mc, vc, mi, vi, prior, threshold, len(good), len(bad), why, var_pooled=pooled)
     labels = [c for p, c in zip(ppls, correct) if math.isfinite(p)]
     finite = [p for p in ppls if math.isfinite(p)]
     return Calibration(

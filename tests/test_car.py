@@ -32,9 +32,10 @@ def test_unequal_priors_shift_the_posterior():
     cal = fit_calibration([1, 2, 3, 4, 5, 6, 1.5, 2.5], [True, True, True, False, False, False, True, True], model="m", space="ppl")
     assert cal.prior_correct == 5 / 8
     mc, vc, mi, vi = cal.mean_correct, cal.var_correct, cal.mean_incorrect, cal.var_incorrect
+    v = (5 * vc + 3 * vi) / 8  # one pooled (shared) variance
     x = 3.7
-    a = 5 / 8 * math.exp(-0.5 * (x - mc) ** 2 / vc) / math.sqrt(vc)
-    b = 3 / 8 * math.exp(-0.5 * (x - mi) ** 2 / vi) / math.sqrt(vi)
+    a = 5 / 8 * math.exp(-0.5 * (x - mc) ** 2 / v)
+    b = 3 / 8 * math.exp(-0.5 * (x - mi) ** 2 / v)
     assert cal.posterior_correct(x) == pytest.approx(a / (a + b), rel=1e-12)
 
 
@@ -182,3 +183,45 @@ def test_user_jsonl_questions(tmp_path):
     f.write_text('{"question": "", "answers": []}\n')
     with pytest.raises(LiveppError, match="need"):
         load_questions(str(f))
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+_GRID = [1.0 + (10 ** (k / 40) - 1.0) for k in range(0, 241)]  # dense from 1 to 1e6, log-spaced
+
+
+def _non_increasing(cal):
+    posts = [cal.posterior_correct(p) for p in _GRID]
+    return all(b <= a + 1e-15 for a, b in zip(posts, posts[1:]))
+
+
+@given(st.lists(st.tuples(st.floats(min_value=1.0, max_value=200.0), st.booleans()), min_size=6, max_size=60),
+       st.sampled_from(["ppl", "log_ppl", None]))
+@settings(max_examples=200, deadline=None)
+def test_fitted_posterior_never_rises_with_ppl(rows, space):
+    ppls = [p for p, _ in rows]
+    labels = [c for _, c in rows]
+    if sum(labels) < 3 or len(labels) - sum(labels) < 3:
+        return
+    cal = fit_calibration(ppls, labels, model="m", space=space)
+    assert _non_increasing(cal)
+    assert cal.posterior_correct(math.inf) <= cal.posterior_correct(_GRID[-1])
+
+
+def test_every_shipped_calibration_is_monotone():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "livepp" / "data").glob("*.json"))
+    assert files
+    for f in files:
+        assert _non_increasing(Calibration.load(f)), f
+
+
+def test_the_old_shipped_shape_is_monotone_now():
+    # The first shipped file's numbers: var_correct 0.054 > var_incorrect 0.022
+    # made P(correct) 0.43 at PPL 1.5 but 0.97 at 3 and 1.00 at 50.
+    old = Calibration("m", "log_ppl", 0.3843, 0.0543, 0.4823, 0.0224, 0.5125, 0.5, 41, 39, var_pooled=None)
+    assert old.method == "pooled_variance"
+    assert old.posterior_correct(3.0) < old.posterior_correct(1.5) < old.posterior_correct(1.05)
+    assert old.posterior_correct(50.0) < 0.01
