@@ -25,7 +25,7 @@ import secrets
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -120,13 +120,9 @@ class Job:
     # The request's last messages: sent only after the job has left its
     # connection's table, so a client that reuses the id or sends its next
     # request on seeing them is never refused as a duplicate or over limit.
-    final: list = None  # type: ignore[assignment]
+    final: list[dict[str, Any]] = field(default_factory=list)
     # Remote streams to wake when the job is stopped from the event loop.
-    streams: list = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.final = []
-        self.streams = []
+    streams: list[Any] = field(default_factory=list)
 
     def stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
