@@ -8,20 +8,22 @@ with one **shared (pooled) variance** σ² (method ``pooled_variance``):
                    = sigmoid(a + b·x),  b = (μ_c − μ_i)/σ²,
                      a = log(π_c/π_i) + (μ_i² − μ_c²)/(2σ²)
 
-where x is either the PPL or its log. With a shared variance the posterior
-is logistic in x, hence monotone: a short answer the model finds more
-surprising is never trusted more. (Two class variances make the posterior
-rise again far out in the tail of the narrower class, which kept very
-surprising answers.) If the correct answers had the *higher* mean PPL, b
-would be positive; the posterior is then held at the prior (b = 0): PPL is
-no evidence of correctness in that direction. The per-class variances are
-still fitted and stored, for the report's histograms; files written before
-this method (no ``method`` field) load and are evaluated with the pooled
-variance of their two classes, weighted by their counts. Both are tried and the one whose fitted
+where x is either the PPL or its log. Both are tried and the one whose fitted
 model gives the data the higher likelihood, measured in the same (PPL) space
 (the log fit's density carries the 1/PPL Jacobian), is kept; the file says
 which and both log-likelihoods, so the choice is visible. Answers whose
 posterior falls below ``threshold`` are routed to long reasoning.
+
+With a shared variance the posterior is logistic in x, hence monotone: a
+short answer the model finds more surprising is never trusted more. (Two
+class variances make the posterior rise again far out in the tail of the
+narrower class, which kept very surprising answers.) If the correct answers
+had the *higher* mean PPL, b would be positive; the posterior is then held at
+the prior (b = 0): PPL is no evidence of correctness in that direction. The
+per-class variances are still fitted and stored, for the report's
+histograms; files written before this method (no ``method`` field) load and
+are evaluated with the pooled variance of their two classes, weighted by
+their counts.
 
 Pure Python (no numpy, no torch) so it loads anywhere the tracker does.
 """
@@ -48,6 +50,11 @@ _MIN_STD = 1e-3
 
 def _gauss_logpdf(x: float, mean: float, var: float) -> float:
     return -0.5 * (math.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def _pooled(n_c: int, var_c: float, n_i: int, var_i: float) -> float:
+    """The shared variance of two classes: their variances weighted by count."""
+    return (n_c * var_c + n_i * var_i) / (n_c + n_i)
 
 
 def _mean_var(xs: Sequence[float]) -> tuple[float, float]:
@@ -80,18 +87,17 @@ class Calibration:
     def pooled_variance(self) -> float:
         if self.var_pooled is not None:
             return self.var_pooled
-        n_c, n_i = max(self.n_correct, 1), max(self.n_incorrect, 1)
-        return (n_c * self.var_correct + n_i * self.var_incorrect) / (n_c + n_i)
+        return _pooled(max(self.n_correct, 1), self.var_correct, max(self.n_incorrect, 1), self.var_incorrect)
 
     @property
     def logistic(self) -> tuple[float, float]:
         """(a, b) of P(correct | x) = sigmoid(a + b·x) in the fitted space; b <= 0."""
         v = self.pooled_variance
+        prior_log_odds = math.log(self.prior_correct / (1.0 - self.prior_correct))
         b = min((self.mean_correct - self.mean_incorrect) / v, 0.0)
         if b == 0.0:
-            return math.log(self.prior_correct / (1.0 - self.prior_correct)), 0.0
-        a = math.log(self.prior_correct / (1.0 - self.prior_correct)) + (self.mean_incorrect**2 - self.mean_correct**2) / (2 * v)
-        return a, b
+            return prior_log_odds, 0.0
+        return prior_log_odds + (self.mean_incorrect**2 - self.mean_correct**2) / (2 * v), b
 
     def _x(self, ppl: float) -> float:
         if not ppl > 0.0:
@@ -149,10 +155,11 @@ class Calibration:
         return cal
 
 
-def _fit_space(xs_c: list[float], xs_i: list[float]) -> tuple[float, float, float, float]:
+def _fit_space(xs_c: list[float], xs_i: list[float]) -> tuple[float, float, float, float, float]:
+    """Class means and variances, and their pooled variance."""
     mc, vc = _mean_var(xs_c)
     mi, vi = _mean_var(xs_i)
-    return mc, vc, mi, vi
+    return mc, vc, mi, vi, _pooled(len(xs_c), vc, len(xs_i), vi)
 
 
 def fit_calibration(
@@ -177,11 +184,10 @@ def fit_calibration(
         raise LiveppError(f"threshold must be in (0, 1), got {threshold}")
     prior = len(good) / (len(good) + len(bad))
 
-    def loglik(kind: str) -> tuple[float, tuple[float, float, float, float]]:
+    def loglik(kind: str) -> tuple[float, tuple[float, float, float, float, float]]:
         f = math.log if kind == "log_ppl" else (lambda v: v)
         params = _fit_space([f(p) for p in good], [f(p) for p in bad])
-        mc, vc, mi, vi = params
-        pooled = (len(good) * vc + len(bad) * vi) / (len(good) + len(bad))
+        mc, _, mi, _, pooled = params
         total = 0.0
         for p, (m, v) in [(p, (mc, pooled)) for p in good] + [(p, (mi, pooled)) for p in bad]:
             # Density in PPL space: a fit on log PPL carries the 1/PPL Jacobian.
@@ -197,8 +203,7 @@ def fit_calibration(
         f"log-likelihood of the PPLs under each fit: ppl {ll['ppl'][0]:.2f}, log_ppl {ll['log_ppl'][0]:.2f} "
         f"(the log fit includes the 1/PPL Jacobian); kept {space}"
     )
-    mc, vc, mi, vi = ll[space][1]
-    pooled = (len(good) * vc + len(bad) * vi) / (len(good) + len(bad))
+    mc, vc, mi, vi, pooled = ll[space][1]
     cal = Calibration(model, space, mc, vc, mi, vi, prior, threshold, len(good), len(bad), why, var_pooled=pooled)
     labels = [c for p, c in zip(ppls, correct) if math.isfinite(p)]
     finite = [p for p in ppls if math.isfinite(p)]

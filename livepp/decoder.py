@@ -110,8 +110,6 @@ class Decoder:
 
         return DynamicCache(config=self.model.config)
 
-
-
     def _forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor, cache: Any) -> torch.Tensor:
         # input_ids: [1, T]; cache_position: [T] -> next-token logits [V]
         out = self.model(

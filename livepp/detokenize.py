@@ -31,7 +31,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of the context window
         self._read_offset = 0  # ids before this are already released as text
-        self._released: list[str] = []
+        self._released_chars = 0  # length of all text released so far
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
@@ -50,26 +50,15 @@ class IncrementalDetokenizer:
         self._prefix_offset = max(self._read_offset, len(self._ids) - _CONTEXT)
         self._read_offset = len(self._ids)
         piece = full[len(prefix) :]
-        self._released.append(piece)
+        self._released_chars += len(piece)
         return piece
 
     def finish(self) -> str:
         """Release held-back text: what ``decode(all ids)`` has beyond what
         was released (once per generation, so decoding everything is cheap)."""
         self._read_offset = len(self._ids)
-        released = "".join(self._released)
-        full = self._decode(self._ids)
-        if full.startswith(released):
-            rest = full[len(released) :]
-        else:
-            # The full decode rewrote text already released (a tokenizer whose
-            # pieces depend on far context): release what follows the longest
-            # common prefix rather than drop it.
-            common = 0
-            for a, b in zip(full, released):
-                if a != b:
-                    break
-                common += 1
-            rest = full[max(common, len(released)) :] if len(full) > len(released) else ""
-        self._released = [released + rest]
+        # Everything the full decode has beyond the length already released;
+        # never empty for want of a matching window, as a window diff could be.
+        rest = self._decode(self._ids)[self._released_chars :]
+        self._released_chars += len(rest)
         return rest

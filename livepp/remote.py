@@ -195,26 +195,17 @@ class OpenAIStream:
         if not self._finished and self._response is not None:
             # Stopped by the consumer (a policy, a cancel) before the end.
             self.tokens_after_stop = len(self._pending) + self._buffered_tokens()
-        self._finished = True
-        self._shut()
+        self._fail_closed()
 
     def abort(self) -> None:
         """Stop from another thread: wakes a read blocked on the next token."""
         self._aborted = True
-        sock = self._sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _shutdown(self._sock)
 
     def _shut(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already gone
+            _shutdown(sock)
             sock.close()
         if self._response is not None:
             self._response.close()
@@ -354,6 +345,16 @@ class OpenAIStream:
                 finish_reason=map_finish_reason(finish) if last else None,
             ))
         return records
+
+
+def _shutdown(sock: socket.socket | None) -> None:
+    """Both directions down: the peer sees the close, a blocked read returns."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
 
 
 _FINISH = {"stop": "eos", "eos": "eos", "tool_calls": "eos", "function_call": "eos", "length": "length"}

@@ -40,7 +40,6 @@ from .models import LoadedModel
 from .params import LiveppError
 
 __all__ = [
-    "CONVENTIONS",
     "lm_eval_windows",
     "ScoredToken",
     "ScoreResult",
@@ -143,9 +142,6 @@ def plan_windows(n: int, max_length: int, stride: int) -> list[Window]:
     return windows
 
 
-CONVENTIONS = ("hf", "lm-eval")
-
-
 def _added_specials(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     """``tokenizer(text)`` and the special ids it put before the text's own."""
     with_specials = [int(i) for i in tokenizer(text)["input_ids"]]
@@ -154,10 +150,13 @@ def _added_specials(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
     return with_specials, lead
 
 
+def _token_names(tokenizer: Any, ids: list[int]) -> str:
+    return " ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in ids)
+
+
 def _hf_rule(tokenizer: Any, lead: list[int]) -> str:
     if lead:
-        names = " ".join(repr(tokenizer.convert_ids_to_tokens(i)) for i in lead)
-        return f"hf: tokenizer(text) adds {names} before the text; every text token is scored"
+        return f"hf: tokenizer(text) adds {_token_names(tokenizer, lead)} before the text; every text token is scored"
     return "hf: tokenizer(text) adds no BOS, so the first text token has no context and is not scored"
 
 
@@ -342,8 +341,7 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
         prefix_text = prompt
         specials = True
         _, lead = _added_specials(tok, prompt)
-        added = " ".join(repr(tok.convert_ids_to_tokens(i)) for i in lead)
-        rule = (f"hf: prompt + target tokenized together by the tokenizer's own rule ({'adds ' + added if lead else 'no BOS added'}); "
+        rule = (f"hf: prompt + target tokenized together by the tokenizer's own rule ({'adds ' + _token_names(tok, lead) if lead else 'no BOS added'}); "
                 "only target tokens are scored, each conditioned on everything before it")
     full = prefix_text + target
     boundary = len(prefix_text)

@@ -69,6 +69,7 @@ class ServerConfig:
     max_stop_strings: int = 8
     max_stop_length: int = 200
     max_top_logprobs: int = 20
+    max_policies: int = 8
     calibration: str | None = None  # for "route"; default: the shipped one
 
 
@@ -390,8 +391,8 @@ class LiveppServer:
             raise _ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
         if params.top_logprobs > c.max_top_logprobs:
             raise _ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
-        if len(specs) > 8:
-            raise _ClientError("bad_params", "at most 8 policies per request")
+        if len(specs) > c.max_policies:
+            raise _ClientError("bad_params", f"at most {c.max_policies} policies per request")
 
     def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
         request_id = data.get("id")
@@ -486,7 +487,7 @@ class LiveppServer:
                 source = _JobStream(self.runner.iterate(decoder.stream(prompt_ids, params)), job)
                 model_name = decoder.loaded.name
         except LiveppError as exc:
-            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": str(exc)})
+            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
             return
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
         try:
