@@ -1,12 +1,15 @@
 """CAR routing on the embedded model: calibrate on one split, evaluate on another.
 
-    python demos/car_routing.py [--tasks sums,products] [--limit 30] [--long-tokens 96] [--vote]
+    python demos/car_routing.py [--tasks sums,capitals] [--limit 40] [--long-tokens 96] [--vote]
 
-For each task: calibrate on its ``calib`` half, then on the disjoint ``eval``
-half compare short answers only, long (step-by-step) answers only, CAR
-(short, routed to long when P(correct | PPL) < 0.5) and CAR --early (routed
-during the short answer). Prints accuracy and generated tokens for each, and
-the AUROC of short-answer PPL as a predictor of error on the eval half.
+For each task: calibrate on its ``calib`` half (with 5-fold held-out figures,
+temperature scaling and per-prefix early-routing models), then on the
+disjoint ``eval`` half compare short answers only, long (step-by-step)
+answers only, CAR (short, routed to long when P(correct | PPL) < 0.5) and
+CAR --early (routed during the short answer by the prefix calibrations).
+Prints accuracy, generated tokens, short-stage tokens and the fraction routed
+for each, and the AUROC and ECE (before and after temperature scaling) on the
+eval half.
 With --vote, also CAR with a 5-sample majority vote as the long route.
 
 Work is shared where the result is the same by construction: greedy long
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from livepp import Decoder, load_model
 from livepp.calibrate import calibrate, label_short_answers
-from livepp.car import auroc
+from livepp.car import auroc, expected_calibration_error
 from livepp.events import TokenRecord, to_json_dict
 from livepp.monitor import Monitor
 from livepp.policies import CARRouter
@@ -55,12 +59,16 @@ def run_task(decoder: Decoder, task: str, limit: int, long_tokens: int, vote: bo
     eval_qs = builtin_split(task, "eval")[:limit]
     print(f"\n=== {task}: calibrate on {len(calib_qs)} questions, evaluate on {len(eval_qs)} others ===", flush=True)
     cal = calibrate(label_short_answers(decoder, calib_qs), model=decoder.loaded.name)
-    print(f"calibration: {cal.n_correct} correct / {cal.n_incorrect} incorrect, fitted on {cal.space}, AUROC (calib) {cal.auroc:.3f}", flush=True)
+    print(f"calibration: {cal.n_correct} correct / {cal.n_incorrect} incorrect, fitted on {cal.space}; "
+          f"held-out (5-fold) AUROC {cal.cv_auroc:.3f}, ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} with T = {cal.temperature:.2f}; "
+          f"early routing from token {cal.early_min_tokens}", flush=True)
+    unscaled = replace(cal, temperature=1.0)
 
     long_route = StepByStep(decoder, max_new_tokens=long_tokens)
-    rows = {name: [0, 0] for name in ("short only", "long only", "CAR", "CAR --early")}
+    # accuracy, tokens, short-stage tokens, routed
+    rows = {name: [0, 0, 0, 0] for name in ("short only", "long only", "CAR", "CAR --early")}
     if vote:
-        rows["CAR, vote long route"] = [0, 0]
+        rows["CAR, vote long route"] = [0, 0, 0, 0]
         voter = Vote(decoder, n=5)
     short_ppl, short_wrong, routed = [], [], 0
     for i, q in enumerate(eval_qs):
@@ -78,34 +86,39 @@ def run_task(decoder: Decoder, task: str, limit: int, long_tokens: int, vote: bo
         early_at = early_route_tokens(short, CARRouter(cal, early=True))
         short_ppl.append(short.end.ppl)
         short_wrong.append(not s_ok)
-        for name, ok, tokens in (
-            ("short only", s_ok, s_tok),
-            ("long only", l_ok, long.n_tokens),
-            ("CAR", l_ok if route else s_ok, s_tok + (long.n_tokens if route else 0)),
-            ("CAR --early", l_ok if (early_at or route) else s_ok,
-             (early_at if early_at else s_tok) + (long.n_tokens if (early_at or route) else 0)),
+        early_routed = bool(early_at or route)
+        for name, ok, tokens, short_tokens, went_long in (
+            ("short only", s_ok, s_tok, s_tok, False),
+            ("long only", l_ok, long.n_tokens, 0, True),
+            ("CAR", l_ok if route else s_ok, s_tok + (long.n_tokens if route else 0), s_tok, route),
+            ("CAR --early", l_ok if early_routed else s_ok,
+             (early_at or s_tok) + (long.n_tokens if early_routed else 0), early_at or s_tok, early_routed),
         ):
-            rows[name][0] += ok
-            rows[name][1] += tokens
+            for j, v in enumerate((ok, tokens, short_tokens, went_long)):
+                rows[name][j] += v
         if vote:
             v = voter.run(q.question, []) if route else None
-            rows["CAR, vote long route"][0] += answer_matches(v.text, q.answers) if v else s_ok
-            rows["CAR, vote long route"][1] += s_tok + (v.n_tokens if v else 0)
+            for j, x in enumerate((answer_matches(v.text, q.answers) if v else s_ok, s_tok + (v.n_tokens if v else 0), s_tok, route)):
+                rows["CAR, vote long route"][j] += x
         print(f"  [{i + 1}/{len(eval_qs)}] short {'✓' if s_ok else '✗'} PPL {short.end.ppl:.3f} "
               f"P(correct) {cal.posterior_correct(short.end.ppl):.2f} → {'long' if route else 'short'}; long {'✓' if l_ok else '✗'}", flush=True)
 
     n = len(eval_qs)
     print(f"\n{task}: {n} eval questions, CAR routed {routed} ({100 * routed / n:.0f}%)")
-    print(f"  {'strategy':<22} {'accuracy':>9} {'tokens':>8} {'tokens/question':>16}")
-    for name, (ok, tokens) in rows.items():
-        print(f"  {name:<22} {ok:>4}/{n:<4} {tokens:>8} {tokens / n:>16.1f}")
-    print(f"  AUROC of short-answer PPL as a predictor of error (eval half): {auroc(short_ppl, short_wrong):.3f}", flush=True)
+    print(f"  {'strategy':<22} {'accuracy':>9} {'tokens':>8} {'short-stage tokens':>19} {'routed':>7}")
+    for name, (ok, tokens, short_tokens, went_long) in rows.items():
+        print(f"  {name:<22} {ok:>4}/{n:<4} {tokens:>8} {short_tokens:>19} {100 * went_long / n:>6.0f}%")
+    right = [not w for w in short_wrong]
+    ece_raw = expected_calibration_error([unscaled.posterior_correct(p) for p in short_ppl], right)
+    ece_scaled = expected_calibration_error([cal.posterior_correct(p) for p in short_ppl], right)
+    print(f"  eval half: AUROC of short-answer PPL as a predictor of error {auroc(short_ppl, short_wrong):.3f}; "
+          f"ECE {ece_raw:.3f} before temperature scaling, {ece_scaled:.3f} after (T = {cal.temperature:.2f})", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="sums,products")
-    ap.add_argument("--limit", type=int, default=30)
+    ap.add_argument("--tasks", default="sums,capitals")
+    ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--long-tokens", type=int, default=96)
     ap.add_argument("--vote", action="store_true")
     args = ap.parse_args()

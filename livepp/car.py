@@ -38,10 +38,22 @@ from typing import Sequence
 
 from .params import LiveppError
 
-__all__ = ["Calibration", "fit_calibration", "auroc", "expected_calibration_error", "MIN_PER_CLASS", "DEFAULT_CALIBRATION"]
+__all__ = ["shipped_calibration", "Calibration", "fit_calibration", "auroc", "expected_calibration_error", "MIN_PER_CLASS", "DEFAULT_CALIBRATION"]
 
-# Fitted with `livepp calibrate builtin:mixed --limit 80` on the embedded model.
+# Fitted with `livepp calibrate builtin:mixed --limit 80` on the embedded model;
+# per-task files beside it with `livepp calibrate builtin:TASK`.
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration-smollm2-135m.json"
+
+
+def shipped_calibration(task: str | None = None) -> Path:
+    """The shipped calibration of the embedded model: mixed, or one built-in task's."""
+    if task is None or task == "mixed":
+        return DEFAULT_CALIBRATION
+    path = DEFAULT_CALIBRATION.with_name(f"calibration-smollm2-135m-{task}.json")
+    if not path.is_file():
+        known = sorted(p.stem.rsplit("-", 1)[-1] for p in DEFAULT_CALIBRATION.parent.glob("calibration-smollm2-135m-*.json"))
+        raise LiveppError(f"no shipped calibration for task {task!r}; shipped: mixed, {', '.join(known)}")
+    return path
 
 MIN_PER_CLASS = 3
 _FORMAT = "livepp-car-calibration/1"
@@ -82,6 +94,35 @@ class Calibration:
     ece: float | None = None
     method: str = "pooled_variance"
     var_pooled: float | None = None
+    # Temperature scaling (livepp.heldout): routing uses σ(logit(p)/T).
+    temperature: float = 1.0
+    # Held-out figures from k-fold cross-validation (livepp.heldout).
+    cv_folds: int | None = None
+    cv_auroc: float | None = None
+    cv_ece: float | None = None
+    cv_brier: float | None = None
+    cv_nll: float | None = None
+    cv_ece_scaled: float | None = None
+    cv_brier_scaled: float | None = None
+    cv_nll_scaled: float | None = None
+    cv_routing: dict | None = None
+    # Early routing: one model per prefix length (livepp.heldout.prefix_models)
+    # and the shortest prefix worth routing on.
+    prefix_models: list | None = None
+    early_min_tokens: int | None = None
+
+    def for_prefix(self, tokens: int) -> "Calibration | None":
+        """The calibration for the running PPL after ``tokens`` tokens: the
+        model fitted on prefixes of that length (the longest one beyond the
+        last), or None when none was fitted for it."""
+        if not self.prefix_models:
+            return None
+        fitted = [m for m in self.prefix_models if m["tokens"] <= tokens]
+        if not fitted or (fitted[-1]["tokens"] != tokens and tokens <= self.prefix_models[-1]["tokens"]):
+            return None
+        m = fitted[-1]
+        return Calibration(self.model, m["space"], m["mean_correct"], m["var_correct"], m["mean_incorrect"], m["var_incorrect"],
+                           m["prior_correct"], self.threshold, var_pooled=m["var_pooled"], temperature=m["temperature"])
 
     @property
     def pooled_variance(self) -> float:
@@ -115,6 +156,8 @@ class Calibration:
             z = a
         else:
             z = a + b * self._x(ppl)  # b == 0 gives exactly a
+        # Temperature scaling divides the logit, which keeps it monotone.
+        z /= self.temperature
         # A numerically safe sigmoid.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
@@ -150,6 +193,8 @@ class Calibration:
             raise LiveppError(f"calibration file {p} uses method {cal.method!r}, which this livepp does not know; re-run livepp calibrate")
         if cal.space not in ("ppl", "log_ppl") or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
             raise LiveppError(f"calibration file {p} has invalid values")
+        if not (isinstance(cal.temperature, (int, float)) and math.isfinite(cal.temperature) and cal.temperature > 0):
+            raise LiveppError(f"calibration file {p} has an invalid temperature {cal.temperature!r}")
         if not (0 < cal.prior_correct < 1 and cal.var_correct > 0 and cal.var_incorrect > 0 and 0 < cal.threshold < 1):
             raise LiveppError(f"calibration file {p} has out-of-range values (priors, variances or threshold)")
         return cal

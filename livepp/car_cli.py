@@ -22,29 +22,37 @@ def _fail(message: str, as_json: bool, code: int) -> None:
 
 @click.command("calibrate")
 @click.argument("data")
-@click.option("--out", "out_path", required=True, metavar="FILE", help="Where to write the calibration JSON.")
+@click.option("--out", "out_path", metavar="FILE", help="Where to write the calibration JSON (not with --eval).")
+@click.option("--eval", "eval_path", metavar="FILE", help="Do not fit: score DATA (questions the file was not fitted on) with this calibration.")
+@click.option("--folds", type=click.IntRange(min=2), default=5, show_default=True, help="k of the k-fold cross-validation behind the held-out figures.")
 @click.option("--report", "report_dir", metavar="DIR", help="Write reliability.png, histograms.png and labelled.jsonl here (default: beside --out).")
 @click.option("--model", "model_path", metavar="PATH", help="Model to calibrate (default: the embedded model).")
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Route when P(correct | PPL) is below this.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N questions.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
-def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_new_tokens, as_json) -> None:
-    """Fit CAR's PPL model on labelled questions.
+def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json) -> None:
+    """Fit CAR's PPL model on labelled questions, with held-out figures.
 
     DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
     lines, or a built-in task: builtin:TASK[:SPLIT] with TASK one of sums,
     products, two-digit-sums, units, capitals, mixed and SPLIT calib (default)
-    or eval (disjoint halves).
+    or eval (disjoint halves). AUROC, ECE and Brier score are reported
+    in-sample and from k-fold cross-validation; a temperature is fitted on
+    the held-out posteriors; early routing gets one model per prefix length.
 
     \b
     Examples:
       livepp calibrate builtin:sums --out calib.json
       livepp calibrate my_questions.jsonl --out calib.json --report report/
+      livepp calibrate builtin:sums:eval --eval calib.json
     """
     try:
+        if (out_path is None) == (eval_path is None):
+            raise LiveppError("give --out FILE to fit a calibration, or --eval FILE to score one on DATA")
         from .api import as_decoder
-        from .calibrate import calibrate, label_short_answers, write_labelled, write_report
+        from .calibrate import calibrate, evaluate, label_short_answers, write_labelled, write_report
+        from .car import Calibration
         from .tasks import load_questions
 
         questions = load_questions(data, limit=limit)
@@ -56,13 +64,24 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
             err.write(f"\r[{i + 1}/{len(questions)}] {mark} PPL {item.ppl:7.3f}  {item.question[:50]:<50}")
             err.flush()
 
+        fitted = Calibration.load(eval_path) if eval_path else None
         labelled = label_short_answers(decoder, questions, max_new_tokens=max_new_tokens, progress=progress)
         err.write("\n")
+        if fitted is not None:
+            result = evaluate(fitted, labelled)
+            if as_json:
+                click.echo(dumps(result))
+                return
+            click.echo(f"{result['n']} questions · {result['n_correct']} correct · scored with {eval_path}")
+            click.echo(f"AUROC {result['auroc']:.3f} · ECE {result['ece']:.3f} · Brier {result['brier']:.3f}")
+            click.echo(f"accuracy short only {result['accuracy_short_only']:.3f} · CAR with a perfect long route "
+                       f"{result['accuracy_car_perfect_long']:.3f} · routed {100 * result['fraction_routed']:.0f}%")
+            return
         out = Path(out_path)
         report = Path(report_dir or out.parent / f"{out.stem}-report")
         kept = write_labelled(labelled, report / "labelled.jsonl")
         try:
-            cal = calibrate(labelled, model=decoder.loaded.name, threshold=threshold)
+            cal = calibrate(labelled, model=decoder.loaded.name, threshold=threshold, folds=folds)
         except LiveppError as exc:
             raise LiveppError(f"{exc} (the labelled answers are saved in {kept})") from exc
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +92,16 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
             return
         n = len(labelled)
         click.echo(f"{n} questions · {cal.n_correct} correct ({100 * cal.n_correct / n:.0f}%) · {cal.n_incorrect} incorrect")
-        click.echo(f"AUROC of PPL as a predictor of error: {cal.auroc:.3f} (0.5 = chance) · ECE {cal.ece:.3f}")
+        click.echo(f"in-sample: AUROC of PPL as a predictor of error {cal.auroc:.3f} (0.5 = chance) · ECE {cal.ece:.3f}")
+        if cal.cv_folds is None:
+            click.echo(f"held-out: not computed; {folds}-fold cross-validation needs at least 4 answers of each class")
+        else:
+            r = cal.cv_routing or {}
+            click.echo(f"held-out ({cal.cv_folds}-fold): AUROC {cal.cv_auroc:.3f} · ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} "
+                       f"after temperature scaling (T = {cal.temperature:.3f}) · Brier {cal.cv_brier:.3f} → {cal.cv_brier_scaled:.3f}")
+            click.echo(f"held-out routing: accuracy short only {r['accuracy_short_only']:.3f} · CAR with a perfect long route "
+                       f"{r['accuracy_car_perfect_long']:.3f} · routed {100 * r['fraction_routed']:.0f}%")
+            click.echo(f"early routing: prefix models for {len(cal.prefix_models or [])} lengths; min_tokens {cal.early_min_tokens}")
         click.echo(f"fitted on {cal.space}: {cal.why_space}")
         click.echo(f"correct: mean {cal.mean_correct:.3f}, var {cal.var_correct:.4f} · incorrect: mean {cal.mean_incorrect:.3f}, var {cal.var_incorrect:.4f} · prior {cal.prior_correct:.2f}")
         click.echo(f"wrote {out} and {', '.join(str(f) for f in files)}")
@@ -84,7 +112,8 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
 @click.command("route")
 @click.argument("question", required=False)
 @click.option("--calibration", "calibration_path", metavar="FILE", help="Calibration from `livepp calibrate` (default: the shipped one for the embedded model).")
-@click.option("--early", is_flag=True, help="Route as soon as the running PPL makes 'incorrect' more likely.")
+@click.option("--task", metavar="NAME", help="Use the shipped calibration of a built-in task (sums, products, two-digit-sums, units, capitals, mixed).")
+@click.option("--early", is_flag=True, help="Route as soon as the running PPL makes 'incorrect' more likely (per-prefix calibration).")
 @click.option("--model", "model_path", metavar="PATH", help="Model for the short answer (default: embedded).")
 @click.option("--long-model", "long_model_path", metavar="PATH", help="Model for the long stage (default: the same model).")
 @click.option("--long-remote", metavar="URL", help="Take the long stage to an OpenAI-compatible engine (with --long-remote-model).")
@@ -93,7 +122,7 @@ def calibrate_cmd(data, out_path, report_dir, model_path, threshold, limit, max_
 @click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
-def route_cmd(question, calibration_path, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
+def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
     """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
     model is unsure, long reasoning instead.
 
@@ -101,12 +130,13 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
     Examples:
       livepp route "What is 7 * 8?"
       livepp route "What is 47 + 38?" --early --json
+      livepp route "What is the capital of Peru?" --task capitals
       livepp route "What is 47 + 38?" --calibration calib.json --long-model big.gguf
       livepp route "..." --long-remote http://127.0.0.1:8000/v1 --long-remote-model Qwen2.5-7B
     """
     try:
         from .api import as_decoder
-        from .car import DEFAULT_CALIBRATION, Calibration
+        from .car import Calibration, shipped_calibration
         from .routing import StepByStep, Vote, route
         from .sinks import JsonlSink
 
@@ -116,7 +146,9 @@ def route_cmd(question, calibration_path, early, model_path, long_model_path, lo
             question = sys.stdin.read()
         if not question.strip():
             raise LiveppError("the question is empty")
-        cal = Calibration.load(calibration_path or DEFAULT_CALIBRATION)
+        if calibration_path and task:
+            raise LiveppError("give --calibration FILE or --task NAME, not both")
+        cal = Calibration.load(calibration_path or shipped_calibration(task))
         decoder = as_decoder(model_path)
         if cal.model != decoder.loaded.name:
             click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {decoder.loaded.name!r}; "

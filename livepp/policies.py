@@ -12,6 +12,7 @@ state (``patience`` counters), so use a fresh instance per generation or call
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
@@ -216,15 +217,26 @@ class CARRouter:
     """CAR decision on a short answer's running PPL.
 
     At the end of the short answer the caller asks :meth:`decide`. With
-    ``early=True`` the router also acts live: once ``min_tokens`` tokens are
-    in, as soon as the running PPL makes "incorrect" more probable than the
-    threshold allows (P(correct | ppl) < threshold), it returns ``route`` and
-    the short answer is not finished.
+    ``early=True`` the router also acts live: at token t (once ``min_tokens``
+    tokens are in) it compares the running PPL with the calibration fitted on
+    prefixes of length t (:meth:`Calibration.for_prefix`), since the PPL of a
+    prefix is distributed differently from a finished answer's, and returns
+    ``route`` when P(correct | prefix PPL) < threshold, without finishing the
+    short answer. ``min_tokens`` defaults to the calibration's
+    ``early_min_tokens`` (chosen from held-out data); when the calibration
+    found no prefix good enough, early routing never fires unless
+    ``min_tokens`` is given. A calibration without prefix models (an old
+    file) uses its finished-answer model from token 2.
     """
 
-    def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int = 2) -> None:
+    def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int | None = None) -> None:
         self.calibration = calibration
         self.early = early
+        if min_tokens is None:
+            if calibration.early_min_tokens is not None:
+                min_tokens = calibration.early_min_tokens
+            else:
+                min_tokens = sys.maxsize if calibration.prefix_models else 2
         self.min_tokens = min_tokens
         self.name = "CARRouter"
 
@@ -241,8 +253,15 @@ class CARRouter:
     def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
         if not self.early or tracker.n < self.min_tokens:
             return CONTINUE
-        decision = self.decide(tracker.ppl)
-        return decision if decision.action == "route" else CONTINUE
+        cal = self.calibration.for_prefix(tracker.n) if self.calibration.prefix_models else self.calibration
+        if cal is None:
+            return CONTINUE
+        ppl = tracker.ppl
+        p = cal.posterior_correct(ppl)
+        if not cal.should_route(ppl):
+            return CONTINUE
+        return Decision("route", self.name, f"P(correct | PPL {ppl:.3f} after {tracker.n} tokens) = {p:.3f} "
+                                            f"vs threshold {cal.threshold:g} (prefix calibration): route early to long reasoning")
 
 
 _SPECS: dict[str, Any] = {

@@ -180,7 +180,9 @@ def route(
         return RouteOutcome(question, short, short.end.ppl, float("nan"), calibration.threshold, False, False, stopped=short.end.reason)
     routed_early = short.end.reason == "policy"
     ppl = short.end.ppl
-    posterior = calibration.posterior_correct(ppl)
+    # An early route was decided by the calibration of its prefix length.
+    used = (calibration.for_prefix(short.end.n_tokens) or calibration) if routed_early and calibration.prefix_models else calibration
+    posterior = used.posterior_correct(ppl)
     routed = routed_early or calibration.should_route(ppl)
     long_route = long_route or StepByStep(decoder)
     outcome = RouteOutcome(question, short, ppl, posterior, calibration.threshold, routed, routed_early, long_route.name if routed else None)

@@ -102,3 +102,38 @@ def test_generate_is_enabled_again_after_a_reconnect_mid_generation(decoder, bro
         assert not browser.find_element("id", "stop").is_enabled()
     finally:
         server.stop()
+
+
+def test_route_mode_shows_short_stage_decision_long_stage_and_answer(decoder, browser, tmp_path):
+    from livepp.car import Calibration
+
+    always = tmp_path / "always.json"  # a threshold no posterior reaches: every question goes long
+    Calibration(decoder.loaded.name, "log_ppl", 0.1, 0.02, 0.5, 0.02, 0.5, 0.999999, 10, 10).save(always)
+    server = RunningServer(decoder, calibration=str(always))
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "mode")).select_by_value("route")
+        assert browser.find_element("id", "go").text == "Route"
+        browser.find_element("id", "prompt").clear()
+        browser.find_element("id", "prompt").send_keys("What is 6 + 7?")
+        browser.find_element("id", "max").clear()
+        browser.find_element("id", "max").send_keys("16")
+        browser.find_element("id", "logy").click()
+        browser.find_element("id", "go").click()
+        wait_for(lambda: browser.find_element("id", "final").is_displayed(), "the final answer", timeout=180)
+        stages = [e.text for e in browser.find_elements("css selector", "#answer .stage")]
+        assert [s.split(" ·")[0].lower() for s in stages] == ["short answer", "long answer"]
+        decision = browser.find_element("id", "decision").text
+        assert "route to long reasoning" in decision and "P(correct)" in decision and "threshold 0.999999" in decision
+        final = browser.find_element("id", "final").text
+        assert final.startswith("answer (long):") and "tokens: short" in final
+        short_n, long_n = (int(x) for x in final.split("tokens: short ")[1].split(" = ")[0].split(" + long "))
+        assert len(browser.find_elements("css selector", "#answer span.t")) == short_n + long_n and long_n == 16
+        assert browser.find_element("id", "go").is_enabled()
+        ARTIFACTS.mkdir(exist_ok=True)
+        browser.save_screenshot(str(ARTIFACTS / "page-route.png"))
+    finally:
+        server.stop()

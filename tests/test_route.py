@@ -79,11 +79,14 @@ def test_route_json_shows_every_stage(calibration_file, tmp_path, early, thresho
     assert set(decision) >= {"ppl", "posterior_correct", "threshold", "decision", "early"}
     assert decision["ppl"] == pytest.approx(short[-1]["ppl"])
     # A threshold no posterior reaches routes every answer; one every posterior
-    # passes keeps it; with --early the route comes at min_tokens, unfinished.
+    # passes keeps it; with --early the route comes at the first prefix length
+    # that has a model, from the file's early_min_tokens on, unfinished.
     assert decision["decision"] == expected and decision["threshold"] == threshold
     assert decision["early"] == (early and expected == "long")
     if decision["early"]:
-        assert short[-1]["reason"] == "policy" and short[-1]["n_tokens"] == 2
+        cal = json.loads(out.read_text())
+        first = min(m["tokens"] for m in cal["prefix_models"] if m["tokens"] >= cal["early_min_tokens"])
+        assert short[-1]["reason"] == "policy" and short[-1]["n_tokens"] == first
     answer = events[-1]
     assert answer["type"] == "answer"
     assert answer["tokens_short"] == short[-1]["n_tokens"]
@@ -208,3 +211,16 @@ def test_route_long_stage_on_a_remote_engine(calibration_file, tmp_path):
     assert [e["logprob"] for e in long if e["type"] == "token"] == expected_from_sse(body, "chat")[0]
     assert events[-1]["answer_from"] == "long" and events[-1]["text"] == expected_from_sse(body, "chat")[1]
     assert "step by step" in stub.requests[0]["messages"][0]["content"]
+
+
+def test_route_task_uses_that_tasks_shipped_calibration():
+    from livepp.car import Calibration, shipped_calibration
+
+    r = cli("route", "What is 2 + 3?", "--task", "nope")
+    assert r.exit_code == 2 and "no shipped calibration for task 'nope'" in r.stderr
+    r = cli("route", "What is 2 + 3?", "--task", "sums", "--long-max-tokens", "8", "--json")
+    assert r.exit_code == 0, r.output
+    decision = next(e for e in jsonl(r.stdout) if e["type"] == "route")
+    sums, mixed = Calibration.load(shipped_calibration("sums")), Calibration.load(shipped_calibration())
+    assert decision["posterior_correct"] == pytest.approx(sums.posterior_correct(decision["ppl"]))
+    assert sums.posterior_correct(decision["ppl"]) != pytest.approx(mixed.posterior_correct(decision["ppl"]))
