@@ -59,9 +59,10 @@ def run_task(decoder: Decoder, task: str, limit: int, long_tokens: int, vote: bo
     eval_qs = builtin_split(task, "eval")[:limit]
     print(f"\n=== {task}: calibrate on {len(calib_qs)} questions, evaluate on {len(eval_qs)} others ===", flush=True)
     cal = calibrate(label_short_answers(decoder, calib_qs), model=decoder.loaded.name)
-    print(f"calibration: {cal.n_correct} correct / {cal.n_incorrect} incorrect, fitted on {cal.space}; "
-          f"held-out (5-fold) AUROC {cal.cv_auroc:.3f}, ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} with T = {cal.temperature:.2f}; "
-          f"early routing from token {cal.early_min_tokens}", flush=True)
+    held = (f"held-out (5-fold) AUROC {cal.cv_auroc:.3f}, ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} with T = {cal.temperature:.2f}; "
+            f"early routing from token {cal.early_min_tokens}" if cal.cv_folds else
+            "too few of a class for 5-fold cross-validation: no temperature, early routing on the finished-answer model")
+    print(f"calibration: {cal.n_correct} correct / {cal.n_incorrect} incorrect, fitted on {cal.space}; {held}", flush=True)
     unscaled = replace(cal, temperature=1.0)
 
     long_route = StepByStep(decoder, max_new_tokens=long_tokens)

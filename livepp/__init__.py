@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "generate": "api",
+    "generate_many": "api",
+    "stream_many": "api",
     "greedy_token_scores": "api",
     "score_text": "scoring",
     "score_target": "scoring",
@@ -58,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import generate, greedy_token_scores
+    from .api import generate, generate_many, greedy_token_scores, stream_many
     from .scoring import ScoreResult, score_ids, score_target, score_text
     from .decoder import Decoder
     from .events import (EndEvent, ErrorEvent, PolicyEvent, StartEvent, TokenEvent,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .decoder import Decoder
 from .models import LoadedModel, load_model
@@ -15,7 +15,7 @@ from .tracker import Tracker
 if TYPE_CHECKING:
     from .scoring import ScoreResult
 
-__all__ = ["generate", "as_decoder", "greedy_token_scores"]
+__all__ = ["generate", "generate_many", "stream_many", "as_decoder", "greedy_token_scores"]
 
 
 def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None) -> Decoder:
@@ -87,3 +87,136 @@ def greedy_token_scores(
         for r in decoder.stream(prompt_ids, params)
     ]
     return ScoreResult(tokens=tokens, first_token_rule="generated tokens only, each conditioned on the prompt and the tokens before it")
+
+
+class _Tagged:
+    """A sink that sees one sample's events, tagged with its sample index."""
+
+    def __init__(self, sink: Sink, sample: int) -> None:
+        self.sink, self.sample = sink, sample
+
+    def emit(self, event: Any) -> None:
+        tagged = getattr(self.sink, "emit_sample", None)
+        if tagged is not None:
+            tagged(self.sample, event)
+        else:
+            self.sink.emit(event)
+
+
+def _requests(decoder: Decoder, prompts: Sequence[str], n: int, params: GenerationParams) -> list[Any]:
+    """Prompts in order, then samples: sample i = prompt i // n, draw i % n.
+    Draw j of a seeded request uses seed + j, so samples differ and repeat."""
+    from dataclasses import replace
+
+    from .batch import BatchRequest
+    from .params import LiveppError
+
+    if isinstance(prompts, str) or not prompts:
+        raise LiveppError("give a list of one or more prompts")
+    if not isinstance(n, int) or n < 1:
+        raise LiveppError(f"n must be an integer >= 1, got {n!r}")
+    out = []
+    for prompt in prompts:
+        ids = tuple(decoder.encode(prompt, raw=params.raw))
+        for j in range(n):
+            p = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
+            out.append(BatchRequest(ids, p))
+    return out
+
+
+def stream_many(
+    prompts: Sequence[str],
+    *,
+    n: int = 1,
+    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    params: GenerationParams | None = None,
+    policies: Callable[[], Sequence[Policy]] = lambda: [],
+    window: int = 32,
+    ema_alpha: float = 0.1,
+    confidence_window: int = 32,
+) -> Iterator[tuple[int, Any]]:
+    """Decode every prompt × ``n`` samples as one batch; yield ``(sample, event)``.
+
+    Each sample has its own tracker and a fresh set of ``policies()``; a
+    policy stop takes that sample out of the batch at once. Closing the
+    iterator stops every sample.
+    """
+    from .batch import BatchDecoder
+
+    params = params or GenerationParams()
+    decoder = as_decoder(model)
+    requests = _requests(decoder, prompts, n, params)
+    events: list[tuple[int, Any]] = []
+
+    class Collect:
+        def __init__(self, sample: int) -> None:
+            self.sample = sample
+
+        def emit(self, event: Any) -> None:
+            events.append((self.sample, event))
+
+    stream = BatchDecoder(decoder).stream(requests)
+    sessions = []
+    for i, req in enumerate(requests):
+        monitor = Monitor(sinks=[Collect(i)], keep_events=False,
+                          tracker_factory=lambda: Tracker(window=window, ema_alpha=ema_alpha, confidence_window=confidence_window))
+        run_params = req.params.to_dict() | {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window, "sample": i}
+        sessions.append(monitor.session(model=decoder.loaded.name, prompt_token_ids=req.prompt_ids, params=run_params,
+                                        policies=list(policies())))
+    unfinished = "cancelled"  # how samples still running end if we leave early
+    try:
+        yield from _drain(events)
+        for i, record in stream:
+            if sessions[i].push(record):
+                stream.stop(i)
+                sessions[i].end("policy")
+            elif record.finish_reason is not None:
+                sessions[i].end(record.finish_reason)
+            yield from _drain(events)
+    except GeneratorExit:
+        raise  # closed by the consumer: the running samples are cancelled
+    except BaseException:
+        unfinished = "error"
+        raise
+    finally:
+        stream.close()
+        for s in sessions:
+            s.end(unfinished)  # no-op for samples that already ended
+
+
+def _drain(events: list[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
+    for item in events:
+        yield item
+    events.clear()
+
+
+def generate_many(
+    prompts: Sequence[str],
+    *,
+    n: int = 1,
+    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    params: GenerationParams | None = None,
+    policies: Callable[[], Sequence[Policy]] = lambda: [],
+    sinks: Sequence[Sink] = (),
+    window: int = 32,
+    ema_alpha: float = 0.1,
+    confidence_window: int = 32,
+) -> list[Result]:
+    """:func:`stream_many` to the end: one :class:`Result` per sample (prompts
+    in order, then samples). ``sinks`` see every event; a sink with an
+    ``emit_sample(sample, event)`` method gets the sample index too."""
+    from .events import EndEvent, TokenEvent
+
+    count = len(prompts) * n if not isinstance(prompts, str) else 0
+    results = [Result() for _ in range(max(count, 0))]
+    for sample, event in stream_many(prompts, n=n, model=model, params=params, policies=policies, window=window,
+                                     ema_alpha=ema_alpha, confidence_window=confidence_window):
+        r = results[sample]
+        r.events.append(event)
+        if isinstance(event, TokenEvent):
+            r.token_ids.append(event.token_id)
+        elif isinstance(event, EndEvent):
+            r.end = event
+        for sink in sinks:
+            _Tagged(sink, sample).emit(event)
+    return results

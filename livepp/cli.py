@@ -36,7 +36,9 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("prompt", required=False)
+@click.argument("prompts", nargs=-1, metavar="[PROMPT]...")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per prompt; several prompts and/or samples decode as one batch.")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
@@ -61,7 +63,8 @@ def main() -> None:
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the remote engine.")
 def generate(
-    prompt: str | None,
+    prompts: tuple[str, ...],
+    samples: int,
     model_path: str | None,
     max_new_tokens: int,
     temperature: float,
@@ -89,11 +92,17 @@ def generate(
     """Generate a reply to PROMPT ('-' or nothing: read standard input) and
     show each token coloured by surprisal with live PPL, window PPL and entropy.
 
+    Several PROMPTs and/or -n N samples decode together as one batch (one
+    forward pass per step for all of them); --json events then carry
+    "sample": i, numbering prompts in order, then samples (a seeded run uses
+    seed + j for draw j).
+
     \b
     Examples:
       livepp generate "Why is the sky blue?"
       livepp generate "Tell me a story" --stop-window-ppl 8 --min-tokens 16
       echo "2+2=" | livepp generate - --raw --max-new-tokens 4 --json
+      livepp generate "Name a colour." "Name a fruit." -n 4 --temperature 0.8 --seed 1 --json
     """
     try:
         params = GenerationParams(
@@ -109,7 +118,12 @@ def generate(
             raw=raw,
         )
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
-        text = _read_prompt(prompt)
+        if len(prompts) > 1 or samples > 1:
+            if remote is not None or use_compile:
+                raise LiveppError("several prompts or samples decode as a local batch; not with --remote or --compile")
+            _generate_batch(list(prompts), samples, model_path, params, policies, window, as_json)
+            return
+        text = _read_prompt(prompts[0] if prompts else None)
         if as_json:
             sinks: list[Any] = [JsonlSink(sys.stdout)]
         else:
@@ -136,6 +150,34 @@ def generate(
         sys.exit(0)
     except Exception as exc:  # anything unexpected: one line, not a traceback
         _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+class _SampleJsonl:
+    """JSON lines of several samples, each event tagged with "sample"."""
+
+    def emit_sample(self, sample: int, event: Any) -> None:
+        from .events import dumps, to_json_dict
+
+        sys.stdout.write(dumps(to_json_dict(event) | {"sample": sample}) + "\n")
+        sys.stdout.flush()
+
+
+def _generate_batch(prompts: list[str], samples: int, model_path: str | None, params: GenerationParams, policies: list[Any],
+                    window: int, as_json: bool) -> None:
+    import copy
+
+    from .api import as_decoder, generate_many
+
+    prompts = [_read_prompt(p) if p == "-" else p for p in prompts]
+    if as_json:
+        sink: Any = _SampleJsonl()
+    else:
+        from .terminal import SamplesView
+
+        sink = SamplesView([f"#{i} p{i // samples}" + (f".{i % samples}" if samples > 1 else "") for i in range(len(prompts) * samples)])
+    # Each sample gets its own fresh copy of the command line's policies.
+    generate_many(prompts, n=samples, model=as_decoder(model_path), params=params, policies=lambda: copy.deepcopy(policies),
+                  sinks=[sink], window=window)
 
 
 def _generate_remote(text, url, model, api, api_key_env, timeout, params, policies, sinks, window) -> None:

@@ -43,6 +43,52 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+class TextTracker:
+    """One sequence's text side: detokenizes each new id and says whether it
+    ends the sequence (EOS, a stop string, the length cap). Shared by the
+    single-sequence and the batched decoder, so both end the same way."""
+
+    def __init__(self, tokenizer: Any, eos_ids: frozenset[int], params: GenerationParams, max_new: int) -> None:
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.eos_ids = eos_ids
+        self.params = params
+        self.max_new = max_new
+        self.stop_tail = max((len(s) for s in params.stop), default=0)
+        self.text_tail = ""
+        self.count = 0
+
+    def add(self, token_id: int) -> tuple[str, str | None]:
+        """(text this token releases, finish reason or None)."""
+        text = self.detok.add(token_id)
+        self.count += 1
+        finish = None
+        if token_id in self.eos_ids and not self.params.ignore_eos:
+            finish = "eos"
+        elif self.stop_tail:
+            # Look only at the tail where a stop string could newly appear.
+            self.text_tail = (self.text_tail + text)[-(self.stop_tail + len(text)) :]
+            if any(s in self.text_tail for s in self.params.stop):
+                finish = "stop_string"
+        if finish is None and self.count == self.max_new:
+            finish = "length"
+        if finish is not None:
+            text += self.detok.finish()
+        return text, finish
+
+
+def token_record(stats: Any, text: str, finish: str | None, alternatives: tuple[TopLogprob, ...]) -> TokenRecord:
+    return TokenRecord(
+        token_id=stats.token_id,
+        text=text,
+        logprob=stats.logprob,
+        entropy=stats.entropy,
+        top_logprobs=alternatives,
+        confidence=stats.confidence,
+        sampling_logprob=stats.sampling_logprob,
+        finish_reason=finish,
+    )
+
+
 class Decoder:
     """Streams tokens from a local model with per-token raw-distribution stats."""
 
@@ -172,9 +218,7 @@ class Decoder:
             generator = torch.Generator().manual_seed(params.seed)
         # Never run past the context: the last token must fit in it.
         max_new = min(params.max_new_tokens, self.context_length - len(prompt_ids))
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stop_tail = max((len(s) for s in params.stop), default=0)
-        text_tail = ""
+        text_side = TextTracker(self.tokenizer, self.eos_ids, params, max_new)
         cache = self._new_cache(len(prompt_ids) + max_new)
 
         with self._grad_mode():
@@ -182,33 +226,10 @@ class Decoder:
             logits = self._forward(torch.tensor([prompt_ids]), torch.arange(n), cache)
             stats_tensor = next_token_stats(logits, params, generator)
         position = n
-        for index in range(max_new):
+        while True:
             stats = unpack_stats(stats_tensor.tolist())  # the one host sync per token
-            text = detok.add(stats.token_id)
-
-            finish = None
-            if stats.token_id in self.eos_ids and not params.ignore_eos:
-                finish = "eos"
-            elif stop_tail:
-                # Look only at the tail where a stop string could newly appear.
-                text_tail = (text_tail + text)[-(stop_tail + len(text)) :]
-                if any(s in text_tail for s in params.stop):
-                    finish = "stop_string"
-            if finish is None and index + 1 == max_new:
-                finish = "length"
-            if finish is not None:
-                text += detok.finish()
-
-            yield TokenRecord(
-                token_id=stats.token_id,
-                text=text,
-                logprob=stats.logprob,
-                entropy=stats.entropy,
-                top_logprobs=self._alternatives(stats.top),
-                confidence=stats.confidence,
-                sampling_logprob=stats.sampling_logprob,
-                finish_reason=finish,
-            )
+            text, finish = text_side.add(stats.token_id)
+            yield token_record(stats, text, finish, self._alternatives(stats.top))
             if finish is not None:
                 return
             # Only now, after the consumer asked for more, pay for the next token.

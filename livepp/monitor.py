@@ -17,7 +17,7 @@ from .events import EndEvent, Event, PolicyEvent, StartEvent, TokenEvent, TokenR
 from .policies import Policy, run_policies
 from .tracker import Tracker
 
-__all__ = ["Sink", "Monitor", "Result"]
+__all__ = ["Sink", "Monitor", "Session", "Result"]
 
 
 class Sink(Protocol):
@@ -39,6 +39,74 @@ class Result:
     @property
     def tokens(self) -> list[TokenEvent]:
         return [e for e in self.events if isinstance(e, TokenEvent)]
+
+
+class Session:
+    """One monitored generation, fed a record at a time.
+
+    :meth:`Monitor.run` drives one from an iterator; a batched decoder drives
+    one per row, pushing each row's record as its step completes. ``push``
+    counts the token, emits its event and the policies' decisions, and returns
+    True when a policy asks to stop (or route); ``end`` emits the end event
+    once, and is safe to call again.
+    """
+
+    def __init__(self, monitor: "Monitor", *, model: str, prompt_token_ids: Sequence[int], params: dict[str, Any] | None,
+                 policies: Sequence[Policy] | None = None) -> None:
+        self.monitor = monitor
+        self.policies = list(monitor.policies if policies is None else policies)
+        self.result = Result()
+        self.tracker = monitor.tracker_factory()
+        for policy in self.policies:
+            policy.reset()
+        self._pieces: list[str] = []
+        self._started = time.perf_counter()
+        self._first_token_at: float | None = None
+        self.stopped_by_policy = False
+        self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {})))
+
+    def _emit(self, event: Event) -> None:
+        self.monitor._emit(event, self.result)
+
+    def push(self, record: TokenRecord) -> bool:
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
+        tracker = self.tracker
+        index = tracker.n
+        tracker.update(record.logprob, entropy=record.entropy, confidence=record.confidence)
+        self._pieces.append(record.text)
+        self.result.token_ids.append(record.token_id)
+        event = Monitor._token_event(index, record, tracker)
+        self._emit(event)
+        for decision in run_policies(self.policies, event, tracker):
+            self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason))
+            if decision.action != "note":
+                self.stopped_by_policy = True
+        return self.stopped_by_policy
+
+    def end(self, reason: str, *, tokens_after_stop: int | None = None, engine_finish_reason: str | None = None) -> Result:
+        if self.result.end is not None:
+            return self.result
+        ended = time.perf_counter()
+        first = self._first_token_at if self._first_token_at is not None else ended
+        decode_s = ended - first
+        n = self.tracker.n
+        end = EndEvent(
+            reason=reason,  # type: ignore[arg-type]
+            n_tokens=n,
+            text="".join(self._pieces),
+            mean_nll=self.tracker.mean_nll if n else float("nan"),
+            ppl=self.tracker.ppl if n else float("nan"),
+            prefill_s=first - self._started,
+            decode_s=decode_s,
+            # Decode-phase rate: tokens after the first over the time after it.
+            tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            tokens_after_stop=tokens_after_stop,
+            engine_finish_reason=engine_finish_reason,
+        )
+        self.result.end = end
+        self._emit(end)
+        return self.result
 
 
 class Monitor:
@@ -67,6 +135,12 @@ class Monitor:
         for sink in self.sinks:
             sink.emit(event)
 
+    def session(self, *, model: str = "", prompt_token_ids: Sequence[int] = (), params: dict[str, Any] | None = None,
+                policies: Sequence[Policy] | None = None) -> Session:
+        """Start a push-style run (see :class:`Session`); ``policies``
+        overrides the monitor's own, e.g. one fresh set per batch row."""
+        return Session(self, model=model, prompt_token_ids=prompt_token_ids, params=params, policies=policies)
+
     def run(
         self,
         source: Iterable[TokenRecord],
@@ -81,32 +155,12 @@ class Monitor:
         say why in its own ``finish_reason`` attribute (a remote stream's last
         chunk, a cancelled server job); otherwise the reason is "length".
         """
-        result = Result()
-        tracker = self.tracker_factory()
-        for policy in self.policies:
-            policy.reset()
-        self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {})), result)
-
-        pieces: list[str] = []
+        session = self.session(model=model, prompt_token_ids=prompt_token_ids, params=params)
         reason = "length"
-        started = time.perf_counter()
-        first_token_at: float | None = None
         iterator: Iterator[TokenRecord] = iter(source)
         try:
-            for index, record in enumerate(iterator):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                tracker.update(record.logprob, entropy=record.entropy, confidence=record.confidence)
-                pieces.append(record.text)
-                result.token_ids.append(record.token_id)
-                event = self._token_event(index, record, tracker)
-                self._emit(event, result)
-                stop = None
-                for decision in run_policies(self.policies, event, tracker):
-                    self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason), result)
-                    if decision.action != "note":
-                        stop = decision
-                if stop is not None:
+            for record in iterator:
+                if session.push(record):
                     reason = "policy"
                     break
                 if record.finish_reason is not None:
@@ -125,28 +179,12 @@ class Monitor:
             close = getattr(iterator, "close", None)
             if close is not None:
                 close()
-            after_stop = getattr(iterator, "tokens_after_stop", None)
-            engine_reason = getattr(iterator, "engine_finish_reason", None)
-            ended = time.perf_counter()
-            first = first_token_at if first_token_at is not None else ended
-            decode_s = ended - first
-            n = tracker.n
-            end = EndEvent(
-                reason=reason,  # type: ignore[arg-type]
-                n_tokens=n,
-                text="".join(pieces),
-                mean_nll=tracker.mean_nll if n else float("nan"),
-                ppl=tracker.ppl if n else float("nan"),
-                prefill_s=first - started,
-                decode_s=decode_s,
-                # Decode-phase rate: tokens after the first over the time after it.
-                tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
-                tokens_after_stop=after_stop,
-                engine_finish_reason=engine_reason,
+            session.end(
+                reason,
+                tokens_after_stop=getattr(iterator, "tokens_after_stop", None),
+                engine_finish_reason=getattr(iterator, "engine_finish_reason", None),
             )
-            result.end = end
-            self._emit(end, result)
-        return result
+        return session.result
 
     @staticmethod
     def _token_event(index: int, record: TokenRecord, tracker: Tracker) -> TokenEvent:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from .events import EndEvent, ErrorEvent, Event, PolicyEvent, StartEvent, TokenEvent
 
-__all__ = ["TerminalView", "surprisal_colour"]
+__all__ = ["TerminalView", "SamplesView", "surprisal_colour"]
 
 _RED_AT_NATS = 6.0
 
@@ -99,3 +99,44 @@ class TerminalView:
         if self._live is not None:
             self._live.stop()
             self._live = None
+
+
+class SamplesView:
+    """Several samples decoding at once: one live status line per sample
+    (tokens, PPL, window PPL, how it ended, the tail of its text)."""
+
+    def __init__(self, labels: list[str], *, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self.labels = labels
+        self.state: list[dict[str, Any]] = [{"n": 0, "ppl": None, "wppl": None, "text": "", "end": None} for _ in labels]
+        self._live: Live | None = None
+
+    def _render(self) -> Group:
+        lines = []
+        for label, s in zip(self.labels, self.state):
+            tail = " ".join(s["text"].split())[-48:]
+            status = s["end"] or "…"
+            lines.append(Text.assemble((f"{label:<10}", "bold"), f" {s['n']:>4} tokens · PPL {_fmt(s['ppl'])} · "
+                                       f"window {_fmt(s['wppl'])} · {status:<12} ", (tail, "dim")))
+        return Group(*lines)
+
+    def emit_sample(self, sample: int, event: Event) -> None:
+        s = self.state[sample]
+        if isinstance(event, TokenEvent):
+            s.update(n=event.index + 1, ppl=event.ppl, wppl=event.window_ppl, text=s["text"] + event.text)
+        elif isinstance(event, EndEvent):
+            s["end"] = event.reason
+        elif isinstance(event, PolicyEvent) and event.action != "note":
+            s["end"] = f"{event.action}: {event.policy}"
+        if self._live is None:
+            self._live = Live(self._render(), console=self.console, auto_refresh=False)
+            self._live.start()
+        self._live.update(self._render(), refresh=True)
+        if all(x["end"] is not None for x in self.state):
+            self._live.stop()
+            self._live = None
+            for label, x in zip(self.labels, self.state):
+                self.console.print(Text.assemble((f"{label}: ", "bold"), x["text"].strip()))
+
+    def emit(self, event: Event) -> None:  # a single stream: sample 0
+        self.emit_sample(0, event)
