@@ -150,6 +150,9 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
             raise LiveppError("give --calibration FILE or --task NAME, not both")
         cal = Calibration.load(calibration_path or shipped_calibration(task))
         decoder = as_decoder(model_path)
+        if early and cal.early_min_tokens is None:
+            click.echo("livepp: warning: this calibration has no valid prefix models (re-run livepp calibrate with more answers "
+                       "of each class); --early will route only at the end of the short answer", err=True)
         if cal.model != decoder.loaded.name:
             click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {decoder.loaded.name!r}; "
                        f"its PPL scale may not fit this model (run livepp calibrate)", err=True)

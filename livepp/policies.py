@@ -223,20 +223,18 @@ class CARRouter:
     prefix is distributed differently from a finished answer's, and returns
     ``route`` when P(correct | prefix PPL) < threshold, without finishing the
     short answer. ``min_tokens`` defaults to the calibration's
-    ``early_min_tokens`` (chosen from held-out data); when the calibration
-    found no prefix good enough, early routing never fires unless
-    ``min_tokens`` is given. A calibration without prefix models (an old
-    file) uses its finished-answer model from token 2.
+    ``early_min_tokens`` (chosen from held-out data). Without a valid prefix
+    model (an old file, too few answers to cross-validate, or no prefix close
+    enough to the finished answers) early routing does not fire, unless
+    ``min_tokens`` is given: then the finished-answer model is applied to
+    the prefix, which the caller chose knowingly.
     """
 
     def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int | None = None) -> None:
         self.calibration = calibration
         self.early = early
         if min_tokens is None:
-            if calibration.early_min_tokens is not None:
-                min_tokens = calibration.early_min_tokens
-            else:
-                min_tokens = sys.maxsize if calibration.prefix_models else 2
+            min_tokens = calibration.early_min_tokens if calibration.early_min_tokens is not None else sys.maxsize
         self.min_tokens = min_tokens
         self.name = "CARRouter"
 

@@ -123,7 +123,7 @@ def test_spike_alert_notes_and_never_stops(fake_source):
 def test_car_router_routes_early_only_when_asked(fake_source):
     cal = fit_calibration([1, 1.1, 1.2, 3, 3.5, 4], [True] * 3 + [False] * 3, model="m", space="ppl")
     assert Monitor(policies=[CARRouter(cal)]).run(fake_source([-1.5] * 6)).end.reason == "length"
-    early = Monitor(policies=[CARRouter(cal, early=True)]).run(fake_source([-1.5] * 6))
+    early = Monitor(policies=[CARRouter(cal, early=True, min_tokens=2)]).run(fake_source([-1.5] * 6))
     assert early.end.reason == "policy" and early.end.n_tokens == 2
 
 

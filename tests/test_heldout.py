@@ -113,9 +113,11 @@ def test_early_routing_at_token_t_uses_the_prefix_t_calibration():
     records = [TokenRecord(i, "x", lp) for i in range(8)]
     result = Monitor(policies=[CARRouter(full, early=True)]).run(iter(records))
     assert result.end.reason == "policy" and result.end.n_tokens == 3
-    # The old behaviour, the finished-answer model at every prefix, routes at 2.
+    # Without prefix models early routing does not fire by default; asked
+    # for explicitly, the finished-answer model at every prefix routes at 2.
     legacy = Calibration("m", "ppl", 1.2, 0.01, 1.6, 0.01, 0.5, 0.5, 20, 20)
-    result = Monitor(policies=[CARRouter(legacy, early=True)]).run(iter(records))
+    assert Monitor(policies=[CARRouter(legacy, early=True)]).run(iter(records)).end.reason == "length"
+    result = Monitor(policies=[CARRouter(legacy, early=True, min_tokens=2)]).run(iter(records))
     assert result.end.n_tokens == 2
 
 
