@@ -174,7 +174,13 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
             def emit(self, event: Any) -> None:
                 from .events import to_json_dict
 
-                self.stream.write(dumps({**to_json_dict(event), "stage": self.stage}) + "\n")
+                self.emit_sample(None, event)
+
+            def emit_sample(self, sample: int | None, event: Any) -> None:
+                from .events import to_json_dict
+
+                extra = {"stage": self.stage} | ({} if sample is None else {"sample": sample})
+                self.stream.write(dumps({**to_json_dict(event), **extra}) + "\n")
                 self.stream.flush()
 
         def sinks_for(stage: str) -> list[Any]:

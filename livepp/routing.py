@@ -97,11 +97,25 @@ class Vote:
 
     def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
         texts, tokens = [], 0
+        prompt = SHORT_PROMPT.format(question=question)
+        if isinstance(self.decoder, Decoder):
+            # A local model samples all answers as one batch (draw i: seed + i).
+            from .api import generate_many
+
+            params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+            results = generate_many([prompt], n=self.n, model=self.decoder, params=params, sinks=sinks)
+            texts = [r.text for r in results]
+            tokens = sum(r.end.n_tokens for r in results if r.end)
+            return self._tally(texts, tokens)
         for i in range(self.n):
             params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed + i)
-            result = _run(self.decoder, SHORT_PROMPT.format(question=question), params, sinks)
+            result = _run(self.decoder, prompt, params, sinks)
             texts.append(result.text)
             tokens += result.end.n_tokens if result.end else 0
+        return self._tally(texts, tokens)
+
+    @staticmethod
+    def _tally(texts: list[str], tokens: int) -> LongAnswer:
         counts = Counter(_vote_key(t) for t in texts)
         winner, votes = counts.most_common(1)[0]
         text = next(t for t in texts if _vote_key(t) == winner)

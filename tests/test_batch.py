@@ -115,3 +115,18 @@ def test_cli_many_prompts_and_samples_tag_events(decoder):
     assert starts[0]["prompt_token_ids"] == starts[1]["prompt_token_ids"] != starts[2]["prompt_token_ids"]
     out = CliRunner().invoke(main, ["generate", "a", "b", "--remote", "http://127.0.0.1:1/v1", "--remote-model", "m"])
     assert out.exit_code == 2 and "local batch" in out.output
+
+
+def test_vote_samples_its_answers_as_one_batch(decoder):
+    from livepp.routing import SHORT_PROMPT, Vote
+
+    shapes = []
+    handle = decoder.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        answer = Vote(decoder, n=4, max_new_tokens=6, seed=3).run("What is 2 + 3?", [])
+    finally:
+        handle.remove()
+    assert shapes[0][0] == 1 and shapes[1] == (4, 1)  # one shared prefill, then 4 rows per step
+    ids = decoder.encode(SHORT_PROMPT.format(question="What is 2 + 3?"))
+    alone = ["".join(r.text for r in decoder.stream(ids, GenerationParams(max_new_tokens=6, temperature=0.7, seed=3 + i))) for i in range(4)]
+    assert answer.detail["samples"] == alone
