@@ -128,13 +128,18 @@ class SamplesView:
             s["end"] = event.reason
         elif isinstance(event, PolicyEvent) and event.action != "note":
             s["end"] = f"{event.action}: {event.policy}"
-        if self._live is None:
+        live = self.console.is_terminal  # redraws only make sense on a terminal
+        if live and self._live is None:
             self._live = Live(self._render(), console=self.console, auto_refresh=False)
             self._live.start()
-        self._live.update(self._render(), refresh=True)
+        if self._live is not None:
+            self._live.update(self._render(), refresh=True)
         if all(x["end"] is not None for x in self.state):
-            self._live.stop()
-            self._live = None
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+            else:
+                self.console.print(self._render())
             for label, x in zip(self.labels, self.state):
                 self.console.print(Text.assemble((f"{label}: ", "bold"), x["text"].strip()))
 
