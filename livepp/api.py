@@ -89,20 +89,6 @@ def greedy_token_scores(
     return ScoreResult(tokens=tokens, first_token_rule="generated tokens only, each conditioned on the prompt and the tokens before it")
 
 
-class _Tagged:
-    """A sink that sees one sample's events, tagged with its sample index."""
-
-    def __init__(self, sink: Sink, sample: int) -> None:
-        self.sink, self.sample = sink, sample
-
-    def emit(self, event: Any) -> None:
-        tagged = getattr(self.sink, "emit_sample", None)
-        if tagged is not None:
-            tagged(self.sample, event)
-        else:
-            self.sink.emit(event)
-
-
 def _requests(decoder: Decoder, prompts: Sequence[str], n: int, params: GenerationParams) -> list[Any]:
     """Prompts in order, then samples: sample i = prompt i // n, draw i % n.
     Draw j of a seeded request uses seed + j, so samples differ and repeat."""
@@ -209,6 +195,8 @@ def generate_many(
 
     count = len(prompts) * n if not isinstance(prompts, str) else 0
     results = [Result() for _ in range(max(count, 0))]
+    # A sink with emit_sample(sample, event) learns which sample an event is of.
+    emitters = [getattr(s, "emit_sample", None) or (lambda _sample, event, s=s: s.emit(event)) for s in sinks]
     for sample, event in stream_many(prompts, n=n, model=model, params=params, policies=policies, window=window,
                                      ema_alpha=ema_alpha, confidence_window=confidence_window):
         r = results[sample]
@@ -217,6 +205,6 @@ def generate_many(
             r.token_ids.append(event.token_id)
         elif isinstance(event, EndEvent):
             r.end = event
-        for sink in sinks:
-            _Tagged(sink, sample).emit(event)
+        for emit in emitters:
+            emit(sample, event)
     return results
