@@ -127,53 +127,15 @@ def stream_many(
     policy stop takes that sample out of the batch at once. Closing the
     iterator stops every sample.
     """
-    from .batch import BatchDecoder
+    from .batch import MonitoredBatch
 
     params = params or GenerationParams()
     decoder = as_decoder(model)
     requests = _requests(decoder, prompts, n, params)
-    events: list[tuple[int, Any]] = []
-
-    class Collect:
-        def __init__(self, sample: int) -> None:
-            self.sample = sample
-
-        def emit(self, event: Any) -> None:
-            events.append((self.sample, event))
-
-    stream = BatchDecoder(decoder).stream(requests)
-    sessions = []
-    for i, req in enumerate(requests):
-        monitor = Monitor(sinks=[Collect(i)], keep_events=False,
-                          tracker_factory=lambda: Tracker(window=window, ema_alpha=ema_alpha, confidence_window=confidence_window))
-        run_params = req.params.to_dict() | {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window, "sample": i}
-        sessions.append(monitor.session(model=decoder.loaded.name, prompt_token_ids=req.prompt_ids, params=run_params,
-                                        policies=list(policies())))
-    unfinished = "cancelled"  # how samples still running end if we leave early
-    try:
-        yield from _drain(events)
-        for i, record in stream:
-            if sessions[i].push(record):
-                stream.stop(i)
-                sessions[i].end("policy")
-            elif record.finish_reason is not None:
-                sessions[i].end(record.finish_reason)
-            yield from _drain(events)
-    except GeneratorExit:
-        raise  # closed by the consumer: the running samples are cancelled
-    except BaseException:
-        unfinished = "error"
-        raise
-    finally:
-        stream.close()
-        for s in sessions:
-            s.end(unfinished)  # no-op for samples that already ended
-
-
-def _drain(events: list[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
-    for item in events:
-        yield item
-    events.clear()
+    settings = {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window}
+    batch = MonitoredBatch(decoder, requests, policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings),
+                           run_params=settings)
+    yield from batch
 
 
 def generate_many(

@@ -19,16 +19,19 @@ changes a number; only padding changes which kernels run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .decoder import Decoder, TextTracker, token_record
 from .events import TokenRecord
+from .monitor import Monitor, Session
 from .params import GenerationParams
+from .policies import Policy
+from .tracker import Tracker
 from .sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "BatchStream", "BatchDecoder"]
+__all__ = ["BatchRequest", "BatchStream", "BatchDecoder", "MonitoredBatch"]
 
 
 @dataclass(frozen=True)
@@ -179,3 +182,59 @@ class BatchDecoder:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], mask
+
+
+class MonitoredBatch:
+    """A batch whose every row runs through its own monitor session: its own
+    tracker and policies, exactly as a single stream would. Iterate it for
+    ``(sample, event)`` as they happen; a policy stop takes that row out of
+    the batch at once; closing the iterator cancels the rows still running.
+    ``sessions[i].tracker`` stays readable afterwards (e.g. DeepConf scores).
+    """
+
+    def __init__(self, decoder: Decoder, requests: Sequence[BatchRequest], *, policies: Callable[[int], Sequence[Policy]],
+                 tracker_factory: Callable[[], Tracker] = Tracker, run_params: dict[str, Any] | None = None,
+                 sample_offset: int = 0) -> None:
+        self._events: list[tuple[int, Any]] = []
+        self.stream = BatchDecoder(decoder).stream(requests)
+        self.sessions: list[Session] = []
+        for i, req in enumerate(requests):
+            monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory)
+            params = req.params.to_dict() | dict(run_params or {}) | {"sample": sample_offset + i}
+            self.sessions.append(monitor.session(model=decoder.loaded.name, prompt_token_ids=req.prompt_ids, params=params,
+                                                 policies=list(policies(i))))
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        sessions, stream = self.sessions, self.stream
+        unfinished = "cancelled"  # how rows still running end if we leave early
+        try:
+            yield from self._drain()
+            for i, record in stream:
+                if sessions[i].push(record):
+                    stream.stop(i)
+                    sessions[i].end("policy")
+                elif record.finish_reason is not None:
+                    sessions[i].end(record.finish_reason)
+                yield from self._drain()
+        except GeneratorExit:
+            raise  # closed by the consumer: the running rows are cancelled
+        except BaseException:
+            unfinished = "error"
+            raise
+        finally:
+            stream.close()
+            for s in sessions:
+                s.end(unfinished)  # no-op for rows that already ended
+
+    def _drain(self) -> Iterator[tuple[int, Any]]:
+        for item in self._events:
+            yield item
+        self._events.clear()
+
+
+class _Collect:
+    def __init__(self, events: list[tuple[int, Any]], sample: int) -> None:
+        self.events, self.sample = events, sample
+
+    def emit(self, event: Any) -> None:
+        self.events.append((self.sample, event))

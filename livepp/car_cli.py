@@ -118,7 +118,9 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
 @click.option("--long-model", "long_model_path", metavar="PATH", help="Model for the long stage (default: the same model).")
 @click.option("--long-remote", metavar="URL", help="Take the long stage to an OpenAI-compatible engine (with --long-remote-model).")
 @click.option("--long-remote-model", metavar="NAME", help="Model name at --long-remote.")
-@click.option("--long-route", type=click.Choice(["step", "vote"]), default="step", show_default=True, help="step: step-by-step reasoning; vote: majority of sampled short answers.")
+@click.option("--long-route", type=click.Choice(["step", "vote", "deepconf"]), default="step", show_default=True,
+              help="step: step-by-step reasoning; vote: majority of sampled short answers; deepconf: 8 sampled step-by-step traces, "
+                   "DeepConf online (3 warm-up, eta 90, group 16), confidence-weighted vote.")
 @click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
@@ -137,7 +139,7 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
     try:
         from .api import as_decoder
         from .car import Calibration, shipped_calibration
-        from .routing import StepByStep, Vote, route
+        from .routing import DeepConfRoute, StepByStep, Vote, route
         from .sinks import JsonlSink
 
         if question is None or question == "-":
@@ -164,7 +166,12 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
             long_decoder: Any = OpenAISource(long_remote, long_remote_model)
         else:
             long_decoder = as_decoder(long_model_path) if long_model_path else decoder
-        long = StepByStep(long_decoder, max_new_tokens=long_max_tokens) if long_route == "step" else Vote(long_decoder)
+        if long_route == "step":
+            long: Any = StepByStep(long_decoder, max_new_tokens=long_max_tokens)
+        elif long_route == "vote":
+            long = Vote(long_decoder)
+        else:
+            long = DeepConfRoute(long_decoder, max_new_tokens=long_max_tokens)
 
         class Staged(JsonlSink):
             def __init__(self, stage: str) -> None:
@@ -172,8 +179,6 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
                 self.stage = stage
 
             def emit(self, event: Any) -> None:
-                from .events import to_json_dict
-
                 self.emit_sample(None, event)
 
             def emit_sample(self, sample: int | None, event: Any) -> None:

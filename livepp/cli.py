@@ -208,8 +208,9 @@ def _register_commands() -> None:
     from .car_cli import calibrate_cmd, replay_cmd, route_cmd
     from .score_cli import score
     from .serve_cli import serve_cmd
+    from .think_cli import think_cmd
 
-    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd):
+    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd, think_cmd):
         main.add_command(command)
 
 

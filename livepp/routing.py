@@ -26,7 +26,7 @@ from .policies import CARRouter
 from .remote import OpenAISource
 from .tasks import last_number
 
-__all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "RouteOutcome", "short_answer", "route"]
+__all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "DeepConfRoute", "vote_key", "RouteOutcome", "short_answer", "route"]
 
 SHORT_PROMPT = "{question} Answer briefly."
 LONG_PROMPT = "{question}\nThink step by step, then give the final answer on the last line."
@@ -81,7 +81,8 @@ class StepByStep:
         return LongAnswer(result.text, result.end.n_tokens, {"ppl": result.end.ppl, "reason": result.end.reason})
 
 
-def _vote_key(text: str) -> str:
+def vote_key(text: str) -> str:
+    """The answer a reply gives, for voting: its last number, else its normalised text."""
     number = last_number(text)
     return f"{number:g}" if number is not None else " ".join(text.lower().split()).strip(" .!")
 
@@ -116,10 +117,31 @@ class Vote:
 
     @staticmethod
     def _tally(texts: list[str], tokens: int) -> LongAnswer:
-        counts = Counter(_vote_key(t) for t in texts)
+        counts = Counter(vote_key(t) for t in texts)
         winner, votes = counts.most_common(1)[0]
-        text = next(t for t in texts if _vote_key(t) == winner)
+        text = next(t for t in texts if vote_key(t) == winner)
         return LongAnswer(text, tokens, {"votes": votes, "samples": texts})
+
+
+class DeepConfRoute:
+    """DeepConf over sampled step-by-step traces, one batch, confidence-weighted vote."""
+
+    def __init__(self, decoder: Decoder, *, traces: int = 8, warmup: int = 3, eta: float = 90.0, group: int = 16,
+                 max_new_tokens: int = 256, seed: int = 0) -> None:
+        if not isinstance(decoder, Decoder):
+            raise LiveppError("the deepconf long route samples a local model's traces as a batch; it cannot run on a remote engine")
+        self.decoder, self.traces, self.warmup, self.eta, self.group = decoder, traces, warmup, eta, group
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.name = f"deepconf({traces} traces, eta {eta:g})"
+
+    def run(self, question: str, sinks: Sequence[Sink]) -> LongAnswer:
+        from .deepconf import think
+
+        params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95, seed=self.seed)
+        result = think(question, decoder=self.decoder, traces=self.traces, warmup=self.warmup, eta=self.eta, group=self.group,
+                       params=params, prompt=LONG_PROMPT, sinks=sinks)
+        winner = next((o for o in result.traces if o.sample in result.kept and o.answer == result.answer), None)
+        return LongAnswer(winner.text if winner else "", result.tokens, {"vote": result.vote_dict()})
 
 
 @dataclass

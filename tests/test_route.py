@@ -224,3 +224,15 @@ def test_route_task_uses_that_tasks_shipped_calibration():
     sums, mixed = Calibration.load(shipped_calibration("sums")), Calibration.load(shipped_calibration())
     assert decision["posterior_correct"] == pytest.approx(sums.posterior_correct(decision["ppl"]))
     assert sums.posterior_correct(decision["ppl"]) != pytest.approx(mixed.posterior_correct(decision["ppl"]))
+
+
+def test_route_long_stage_by_deepconf(calibration_file, tmp_path):
+    out = _with_threshold(calibration_file, tmp_path, 0.999999)  # always routes
+    r = cli("route", "What is 2 + 3?", "--calibration", str(out), "--long-route", "deepconf", "--long-max-tokens", "8", "--json")
+    assert r.exit_code == 0, r.output
+    events = jsonl(r.stdout)
+    long = [e for e in events if e.get("stage") == "long"]
+    assert sorted({e["sample"] for e in long}) == list(range(8))  # 8 traces, tagged
+    answer = events[-1]
+    assert answer["answer_from"] == "long"
+    assert answer["tokens_long"] == sum(e["n_tokens"] for e in long if e["type"] == "end")
