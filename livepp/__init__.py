@@ -13,6 +13,7 @@ _EXPORTS = {
     "generate": "api",
     "generate_many": "api",
     "stream_many": "api",
+    "astream": "api",
     "greedy_token_scores": "api",
     "score_text": "scoring",
     "score_target": "scoring",
@@ -60,7 +61,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import generate, generate_many, greedy_token_scores, stream_many
+    from .api import astream, generate, generate_many, greedy_token_scores, stream_many
     from .scoring import ScoreResult, score_ids, score_target, score_text
     from .decoder import Decoder
     from .events import (EndEvent, ErrorEvent, PolicyEvent, StartEvent, TokenEvent,

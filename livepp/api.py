@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
 from .decoder import Decoder
 from .models import LoadedModel, load_model
@@ -15,7 +15,7 @@ from .tracker import Tracker
 if TYPE_CHECKING:
     from .scoring import ScoreResult
 
-__all__ = ["generate", "generate_many", "stream_many", "as_decoder", "greedy_token_scores"]
+__all__ = ["generate", "generate_many", "stream_many", "astream", "as_decoder", "greedy_token_scores"]
 
 
 def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None) -> Decoder:
@@ -170,3 +170,46 @@ def generate_many(
         for emit in emitters:
             emit(sample, event)
     return results
+
+
+async def astream(prompts: Sequence[str], **options: Any) -> AsyncIterator[tuple[int, Any]]:
+    """:func:`stream_many` for applications that live in an event loop:
+    ``async for sample, event in astream(prompts, n=..., ...)``.
+
+    The batch decodes in a worker thread and hands each event to the loop;
+    leaving the loop early (``break``, ``aclose()``, task cancellation) stops
+    the batch within one step and cancels the samples still running.
+    """
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        events = stream_many(prompts, **options)
+        try:
+            for item in events:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # handed to the consumer
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            events.close()
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = loop.run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        await asyncio.shield(worker)

@@ -130,3 +130,28 @@ def test_vote_samples_its_answers_as_one_batch(decoder):
     ids = decoder.encode(SHORT_PROMPT.format(question="What is 2 + 3?"))
     alone = ["".join(r.text for r in decoder.stream(ids, GenerationParams(max_new_tokens=6, temperature=0.7, seed=3 + i))) for i in range(4)]
     assert answer.detail["samples"] == alone
+
+
+@pytest.mark.asyncio
+async def test_astream_yields_the_same_events_and_stops_when_left(decoder):
+    from livepp import astream
+
+    params = GenerationParams(max_new_tokens=6, ignore_eos=True)
+    got = [(s, e) async for s, e in astream(PROMPTS[:2], model=decoder, params=params)]
+    ends = {s: e for s, e in got if e.type == "end"}
+    expected = generate_many(PROMPTS[:2], model=decoder, params=params)
+    assert [ends[i].text for i in range(2)] == [r.text for r in expected]
+    # Leaving early stops the batch: the worker finishes and rows end cancelled.
+    calls = []
+    handle = decoder.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        seen = 0
+        stream = astream(PROMPTS[:2], model=decoder, params=GenerationParams(max_new_tokens=200, ignore_eos=True))
+        async for s, e in stream:
+            seen += e.type == "token"
+            if seen == 4:
+                break
+        await stream.aclose()
+    finally:
+        handle.remove()
+    assert len(calls) <= 4  # the prefill, a step or two, never the 200 tokens
