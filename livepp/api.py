@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 __all__ = ["generate", "generate_many", "stream_many", "astream", "as_decoder", "greedy_token_scores"]
 
 
-def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None) -> Decoder:
-    """Accept a decoder, a loaded model, a path, or None for the embedded default."""
+def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None, *, device: str = "cpu", dtype: str = "float32") -> Decoder:
+    """Accept a decoder, a loaded model, a path (or cached Hub id), or None
+    for the embedded default; a path is loaded on ``device`` in ``dtype``."""
     if isinstance(model, Decoder):
         return model
     if isinstance(model, LoadedModel):
         return Decoder(model)
-    return Decoder(load_model(model))
+    return Decoder(load_model(model, device=device, dtype=dtype))
 
 
 def generate(

@@ -92,7 +92,7 @@ class BatchStream:
         for i, req in enumerate(self.requests):
             p = req.params
             dec.check(list(req.prompt_ids), p)
-            gen = torch.Generator().manual_seed(p.seed) if (not p.greedy and p.seed is not None) else None
+            gen = torch.Generator(device=dec.device).manual_seed(p.seed) if (not p.greedy and p.seed is not None) else None
             max_new = min(p.max_new_tokens, dec.context_length - len(req.prompt_ids))
             rows.append(_Row(i, req, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(req.prompt_ids)))
         if not rows:
@@ -127,7 +127,7 @@ class BatchStream:
                 return
             if len(keep) < len(active):
                 # Finished rows leave the batch: their cache rows are dropped.
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=mask.device)
                 cache.batch_select_indices(index)
                 mask = mask[index]
                 active = [active[k] for k in keep]

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from .cli_options import device_options
 from .events import dumps
 from .params import LiveppError
 
@@ -31,7 +32,8 @@ def _fail(message: str, as_json: bool, code: int) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N questions.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
-def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json) -> None:
+@device_options
+def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json, device, dtype) -> None:
     """Fit CAR's PPL model on labelled questions, with held-out figures.
 
     DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
@@ -56,7 +58,7 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         from .tasks import load_questions
 
         questions = load_questions(data, limit=limit)
-        decoder = as_decoder(model_path)
+        decoder = as_decoder(model_path, device=device, dtype=dtype)
         err = sys.stderr
 
         def progress(i: int, item: Any) -> None:
@@ -124,7 +126,8 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
 @click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
-def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json) -> None:
+@device_options
+def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json, device, dtype) -> None:
     """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
     model is unsure, long reasoning instead.
 
@@ -151,7 +154,7 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
         if calibration_path and task:
             raise LiveppError("give --calibration FILE or --task NAME, not both")
         cal = Calibration.load(calibration_path or shipped_calibration(task))
-        decoder = as_decoder(model_path)
+        decoder = as_decoder(model_path, device=device, dtype=dtype)
         if early and cal.early_min_tokens is None:
             click.echo("livepp: warning: this calibration has no valid prefix models (re-run livepp calibrate with more answers "
                        "of each class); --early will route only at the end of the short answer", err=True)
@@ -165,7 +168,7 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
                 raise LiveppError("--long-remote needs --long-remote-model and excludes --long-model")
             long_decoder: Any = OpenAISource(long_remote, long_remote_model)
         else:
-            long_decoder = as_decoder(long_model_path) if long_model_path else decoder
+            long_decoder = as_decoder(long_model_path, device=device, dtype=dtype) if long_model_path else decoder
         if long_route == "step":
             long: Any = StepByStep(long_decoder, max_new_tokens=long_max_tokens)
         elif long_route == "vote":

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .events import ErrorEvent
+from .cli_options import device_options
 from .params import GenerationParams, LiveppError
 from .sinks import JsonlSink, event_json
 
@@ -62,6 +63,7 @@ def main() -> None:
 @click.option("--remote-api", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the remote engine.")
+@device_options
 def generate(
     prompts: tuple[str, ...],
     samples: int,
@@ -88,6 +90,8 @@ def generate(
     remote_api: str,
     api_key_env: str | None,
     timeout: float,
+    device: str,
+    dtype: str,
 ) -> None:
     """Generate a reply to PROMPT ('-' or nothing: read standard input) and
     show each token coloured by surprisal with live PPL, window PPL and entropy.
@@ -118,10 +122,12 @@ def generate(
             raw=raw,
         )
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
+        from .api import as_decoder
+
         if len(prompts) > 1 or samples > 1:
             if remote is not None or use_compile:
                 raise LiveppError("several prompts or samples decode as a local batch; not with --remote or --compile")
-            _generate_batch(list(prompts), samples, model_path, params, policies, window, as_json)
+            _generate_batch(list(prompts), samples, as_decoder(model_path, device=device, dtype=dtype), params, policies, window, as_json)
             return
         text = _read_prompt(prompts[0] if prompts else None)
         if as_json:
@@ -134,9 +140,9 @@ def generate(
         if remote is not None:
             _generate_remote(text, remote, remote_model, remote_api, api_key_env, timeout, params, policies, sinks, window)
             return
-        from .api import as_decoder, generate as run_generate
+        from .api import generate as run_generate
 
-        decoder = as_decoder(model_path)
+        decoder = as_decoder(model_path, device=device, dtype=dtype)
         if use_compile:
             decoder.compile()
         run_generate(text, model=decoder, params=params, policies=policies, sinks=sinks, window=window)
@@ -162,11 +168,11 @@ class _SampleJsonl:
         sys.stdout.flush()
 
 
-def _generate_batch(prompts: list[str], samples: int, model_path: str | None, params: GenerationParams, policies: list[Any],
+def _generate_batch(prompts: list[str], samples: int, decoder: Any, params: GenerationParams, policies: list[Any],
                     window: int, as_json: bool) -> None:
     import copy
 
-    from .api import as_decoder, generate_many
+    from .api import generate_many
 
     prompts = [_read_prompt(p) if p == "-" else p for p in prompts]
     if as_json:
@@ -176,7 +182,7 @@ def _generate_batch(prompts: list[str], samples: int, model_path: str | None, pa
 
         sink = SamplesView([f"#{i} p{i // samples}" + (f".{i % samples}" if samples > 1 else "") for i in range(len(prompts) * samples)])
     # Each sample gets its own fresh copy of the command line's policies.
-    generate_many(prompts, n=samples, model=as_decoder(model_path), params=params, policies=lambda: copy.deepcopy(policies),
+    generate_many(prompts, n=samples, model=decoder, params=params, policies=lambda: copy.deepcopy(policies),
                   sinks=[sink], window=window)
 
 

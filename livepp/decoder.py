@@ -98,6 +98,8 @@ class Decoder:
         self.tokenizer = loaded.tokenizer
         self.context_length = loaded.context_length
         self.eos_ids = _eos_ids(loaded)
+        # Every tensor the decoding path makes goes where the model is.
+        self.device = loaded.model.device
         self._static_cache: Any = None
         self._cache_len = 0
         self._cache_len_fixed = False
@@ -215,7 +217,7 @@ class Decoder:
     def _decode(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
         generator = None
         if not params.greedy and params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed)
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
         # Never run past the context: the last token must fit in it.
         max_new = min(params.max_new_tokens, self.context_length - len(prompt_ids))
         text_side = TextTracker(self.tokenizer, self.eos_ids, params, max_new)
@@ -223,7 +225,7 @@ class Decoder:
 
         with self._grad_mode():
             n = len(prompt_ids)
-            logits = self._forward(torch.tensor([prompt_ids]), torch.arange(n), cache)
+            logits = self._forward(torch.tensor([prompt_ids], device=self.device), torch.arange(n, device=self.device), cache)
             stats_tensor = next_token_stats(logits, params, generator)
         position = n
         while True:
@@ -235,7 +237,7 @@ class Decoder:
             # Only now, after the consumer asked for more, pay for the next token.
             with self._grad_mode():
                 logits = self._decode_step(
-                    torch.tensor([[stats.token_id]]), torch.tensor([position]), cache
+                    torch.tensor([[stats.token_id]], device=self.device), torch.tensor([position], device=self.device), cache
                 )
                 stats_tensor = next_token_stats(logits, params, generator)
             position += 1

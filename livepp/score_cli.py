@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import click
 
+from .cli_options import device_options
 from .events import dumps
 from .jsonl import iter_jsonl
 from .params import LiveppError
@@ -102,7 +103,8 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--prefix-token", default=None, metavar="bos|eos|ID", help="lm-eval: the token before the text (default: BOS, else EOS).")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
-def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json) -> None:
+@device_options
+def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, device, dtype) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -148,7 +150,7 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
         from .models import load_model
         from .scoring import score_target, score_text, score_text_lm_eval
 
-        loaded = load_model(model_path)
+        loaded = load_model(model_path, device=device, dtype=dtype)
         progress = _Progress()
         options |= dict(progress=progress.advance, on_plan=progress.plan)
 

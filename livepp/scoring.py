@@ -224,12 +224,12 @@ def _score_windows(
         # Right padding needs no attention mask: under causal attention real
         # positions never see the pad tokens that come after them.
         rows = [ids[w.begin : w.end - 1] + [0] * (length - (w.end - 1 - w.begin)) for w in batch]
-        logits = model(input_ids=torch.tensor(rows), use_cache=False, logits_to_keep=keep).logits
+        logits = model(input_ids=torch.tensor(rows, device=model.device), use_cache=False, logits_to_keep=keep).logits
         for row, w in enumerate(batch):
             lo = (w.score_from - 1 - w.begin) - first_needed
             hi = (w.end - 1 - w.begin) - first_needed
             logprobs = torch.log_softmax(logits[row, lo:hi].float(), dim=-1)
-            target = torch.tensor(ids[w.score_from : w.end])
+            target = torch.tensor(ids[w.score_from : w.end], device=logprobs.device)
             chosen = logprobs.gather(1, target[:, None])[:, 0]
             p = logprobs.exp()
             entropy = -torch.where(p > 0, p * logprobs, 0.0).sum(-1)

@@ -6,6 +6,7 @@ import asyncio
 
 import click
 
+from .cli_options import device_options
 from .params import LiveppError
 
 __all__ = ["serve_cmd"]
@@ -26,7 +27,8 @@ __all__ = ["serve_cmd"]
 @click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
 @click.option("--allow-host", "allowed_hosts", multiple=True, metavar="HOST",
               help="Also accept requests whose Host header names HOST (besides localhost, 127.0.0.1, [::1] and the bound address); '*' accepts any.")
-def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration, allowed_origins, allowed_hosts) -> None:
+@device_options
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration, allowed_origins, allowed_hosts, device, dtype) -> None:
     """Serve the live page at / , the websocket API at /ws and /healthz.
 
     \b
@@ -57,7 +59,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             server = LiveppServer(None, config, remote=source_from_options(remote, remote_model, api_key_env=api_key_env))
             name = f"{remote_model} at {remote}"
         else:
-            decoder = as_decoder(model_path)
+            decoder = as_decoder(model_path, device=device, dtype=dtype)
             server = LiveppServer(decoder, config)
             name = decoder.loaded.name
 

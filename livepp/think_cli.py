@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .cli_options import device_options
 from .events import dumps
 from .params import LiveppError
 
@@ -31,7 +32,8 @@ __all__ = ["think_cmd"]
               show_default=True, help="How the question is asked ({question} is replaced).")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Every trace's events tagged \"sample\", then a vote line.")
-def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json) -> None:
+@device_options
+def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json, device, dtype) -> None:
     """Answer QUESTION by DeepConf: sample several reasoning traces as one
     batch, score each by its lowest group confidence, stop weak traces early
     (online) and take a confidence-weighted vote.
@@ -50,7 +52,7 @@ def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tok
         from .deepconf import think
         from .params import GenerationParams
 
-        decoder = as_decoder(model_path)
+        decoder = as_decoder(model_path, device=device, dtype=dtype)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         sink: Any = _JsonTraces() if as_json else _Progress(traces)
         result = think(question, decoder=decoder, traces=traces, warmup=warmup, eta=eta, group=group, mode=mode, params=params,
