@@ -158,8 +158,9 @@ def generate_many(
 
     count = len(prompts) * n if not isinstance(prompts, str) else 0
     results = [Result() for _ in range(max(count, 0))]
-    # A sink with emit_sample(sample, event) learns which sample an event is of.
-    emitters = [getattr(s, "emit_sample", None) or (lambda _sample, event, s=s: s.emit(event)) for s in sinks]
+    from .batch import sample_emitter
+
+    emitters = [sample_emitter(s) for s in sinks]
     for sample, event in stream_many(prompts, n=n, model=model, params=params, policies=policies, window=window,
                                      ema_alpha=ema_alpha, confidence_window=confidence_window):
         r = results[sample]

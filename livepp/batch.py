@@ -31,7 +31,7 @@ from .policies import Policy
 from .tracker import Tracker
 from .sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "BatchStream", "BatchDecoder", "MonitoredBatch"]
+__all__ = ["BatchRequest", "BatchStream", "BatchDecoder", "MonitoredBatch", "sample_emitter"]
 
 
 @dataclass(frozen=True)
@@ -238,3 +238,10 @@ class _Collect:
 
     def emit(self, event: Any) -> None:
         self.events.append((self.sample, event))
+
+
+def sample_emitter(sink: Any) -> Callable[[int, Any], None]:
+    """How to hand a sample's event to ``sink``: its ``emit_sample(sample,
+    event)`` when it has one (it wants to know which sample), else ``emit``."""
+    emit_sample = getattr(sink, "emit_sample", None)
+    return emit_sample if emit_sample is not None else (lambda _sample, event: sink.emit(event))

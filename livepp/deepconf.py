@@ -34,7 +34,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from .batch import BatchRequest, MonitoredBatch
+from .batch import BatchRequest, MonitoredBatch, sample_emitter
 from .decoder import Decoder
 from .events import EndEvent, TokenEvent
 from .monitor import Sink
@@ -102,15 +102,15 @@ def _run(decoder: Decoder, requests: list[BatchRequest], first_sample: int, *, g
         run_params={"confidence_window": group},
         sample_offset=first_sample,
     )
+    emitters = [sample_emitter(s) for s in sinks]
     conf_sum = [0.0] * len(requests)
     outcomes: list[TraceOutcome] = []
     events = iter(batch)
     try:
         for row, event in events:
             sample = first_sample + row
-            for sink in sinks:
-                emit = getattr(sink, "emit_sample", None)
-                emit(sample, event) if emit else sink.emit(event)
+            for emit in emitters:
+                emit(sample, event)
             if isinstance(event, TokenEvent) and event.confidence is not None:
                 conf_sum[row] += event.confidence
             elif isinstance(event, EndEvent):
@@ -128,9 +128,8 @@ def _run(decoder: Decoder, requests: list[BatchRequest], first_sample: int, *, g
     for row, session in enumerate(batch.sessions):
         if all(o.sample != first_sample + row for o in outcomes) and session.result.end is not None:
             end = session.result.end
-            for sink in sinks:
-                emit = getattr(sink, "emit_sample", None)
-                emit(first_sample + row, end) if emit else sink.emit(end)
+            for emit in emitters:
+                emit(first_sample + row, end)
             low = session.tracker.lowest_group_confidence
             outcomes.append(TraceOutcome(first_sample + row, end.text, vote_key(end.text), end.n_tokens,
                                          low if low is not None else float("-inf"), float("-inf"), end.reason, warmup))
