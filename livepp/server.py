@@ -25,16 +25,17 @@ import secrets
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
 from .decoder import Decoder
-from .events import Event, TokenRecord, dumps, to_json_dict
+from .events import Event, dumps, to_json_dict
 from .monitor import Monitor
+from .jobs import Job, JobStream, ModelRunner, OutboxSink, RunnerEngine, error_code, one_line
 from .outbox import Outbox
 from .params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
 from .policies import parse_policy
@@ -81,154 +82,10 @@ def _host_name(host_header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
-class ModelRunner:
-    """Runs model steps one at a time, first come first served."""
-
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepp-model")
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        return self._pool.submit(fn, *args).result()
-
-    def iterate(self, source: Iterator[TokenRecord]) -> Iterator[TokenRecord]:
-        """Pull ``source`` through the runner, one token per turn."""
-        sentinel = object()
-        try:
-            while True:
-                record = self.call(next, source, sentinel)
-                if record is sentinel:
-                    return
-                yield record
-        finally:
-            # Closing the decoder generator ends it without another forward pass.
-            self.call(source.close)
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
 class _ClientError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-@dataclass(eq=False)  # identity, so jobs can live in a set
-class Job:
-    id: str
-    stop_reason: str | None = None
-    done: asyncio.Future | None = None
-    # The request's last messages: sent only after the job has left its
-    # connection's table, so a client that reuses the id or sends its next
-    # request on seeing them is never refused as a duplicate or over limit.
-    final: list[dict[str, Any]] = field(default_factory=list)
-    # Remote streams to wake when the job is stopped from the event loop.
-    streams: list[Any] = field(default_factory=list)
-
-    def stop(self, reason: str) -> None:
-        self.stop_reason = self.stop_reason or reason
-        for stream in list(self.streams):
-            abort = getattr(stream, "abort", None)
-            if abort is not None:
-                abort()  # a remote read waiting for its next token wakes now
-
-
-class _OutboxSink:
-    """Sends monitor events to a client's outbox, tagged with the request id."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox, request_id: str, job: "Job | None" = None) -> None:
-        self.loop, self.outbox, self.request_id, self.job = loop, outbox, request_id, job
-
-    def emit(self, event: Event) -> None:
-        data = to_json_dict(event)
-        data["id"] = self.request_id
-        if event.type == "end" and self.job is not None:
-            self.job.final.append(data)  # sent when the job is released
-            return
-        self.loop.call_soon_threadsafe(self.outbox.put, data)
-
-
-class _JobStream:
-    """A request's token source that ends as soon as its job is stopped
-    (cancel, disconnect, shutdown), reporting that as its finish reason.
-
-    The monitor reads ``finish_reason`` and ``tokens_after_stop`` from its
-    source, so the wrapper passes the inner stream's values through."""
-
-    def __init__(self, source: Iterator[TokenRecord], job: Job) -> None:
-        self._it = source
-        self.job = job
-        self._stopped: str | None = None
-        job.streams.append(source)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._stopped or getattr(self._it, "finish_reason", None)
-
-    @property
-    def tokens_after_stop(self) -> int | None:
-        return getattr(self._it, "tokens_after_stop", None)
-
-    @property
-    def engine_finish_reason(self) -> str | None:
-        return getattr(self._it, "engine_finish_reason", None)
-
-    def __iter__(self) -> "_JobStream":
-        return self
-
-    def __next__(self) -> TokenRecord:
-        # Checked before each pull, so before the forward pass of the next token.
-        if self.job.stop_reason is not None:
-            self._stopped = self.job.stop_reason
-            self.close()
-            raise StopIteration
-        try:
-            return next(self._it)
-        except Exception:  # StopIteration included
-            if self.job.stop_reason is None:
-                raise
-            # The stop woke a waiting remote read; that is a stop, not a failure.
-            self._stopped = self.job.stop_reason
-            raise StopIteration from None
-
-    def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
-        if self._it in self.job.streams:
-            self.job.streams.remove(self._it)
-
-
-class _RunnerEngine:
-    """The local decoder as routing sees it, with every model step through the runner."""
-
-    def __init__(self, decoder: Decoder, runner: ModelRunner, job: Job) -> None:
-        self.decoder, self.runner, self.job = decoder, runner, job
-        self.loaded = decoder.loaded
-
-    def encode(self, prompt: str, *, raw: bool = False) -> list[int]:
-        return self.runner.call(functools.partial(self.decoder.encode, prompt, raw=raw))
-
-    def stream(self, prompt_ids: Any, params: GenerationParams) -> _JobStream:
-        return _JobStream(self.runner.iterate(self.decoder.stream(prompt_ids, params)), self.job)
-
-
-def _error_code(exc: BaseException) -> str:
-    """The error code for a failure, chosen by its type, never by its text."""
-    from .decoder import PromptTooLong
-    from .remote import RemoteError
-
-    if isinstance(exc, PromptTooLong):
-        return "prompt_too_long"
-    if isinstance(exc, RemoteError):
-        return "upstream_error"
-    if isinstance(exc, LiveppError):
-        return "bad_params"
-    return "internal"
-
-
-def _one_line(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, LiveppError) else f"{type(exc).__name__}: {exc}"
 
 
 def _page() -> str:
@@ -381,7 +238,7 @@ class LiveppServer:
             raise _ClientError("bad_params", str(exc)) from None
         self._check_limits(params, specs)
         job = self._new_job(data, jobs)
-        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, _OutboxSink(loop, outbox, job.id, job))
+        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, OutboxSink(loop, outbox, job.id, job))
 
     def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
         c = self.config
@@ -442,9 +299,9 @@ class LiveppServer:
         if min(limits) < 1 or max(limits) > self.config.max_new_tokens_cap:
             raise _ClientError("bad_params", f"token limits must be between 1 and {self.config.max_new_tokens_cap}")
         job = self._new_job(data, jobs)
-        self._launch(job, jobs, outbox, loop, self._run_route, question, opts, _OutboxSink(loop, outbox, job.id))
+        self._launch(job, jobs, outbox, loop, self._run_route, question, opts, OutboxSink(loop, outbox, job.id))
 
-    def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: _OutboxSink) -> None:
+    def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: OutboxSink) -> None:
         from .car import DEFAULT_CALIBRATION, Calibration
         from .routing import StepByStep, route
 
@@ -458,7 +315,7 @@ class LiveppServer:
             def emit(self, event: Event) -> None:
                 put(to_json_dict(event) | {"stage": self.stage})
 
-        engine = _RunnerEngine(self.decoder, self.runner, job)
+        engine = RunnerEngine(self.decoder, self.runner, job)
         try:
             cal = Calibration.load(self.config.calibration or DEFAULT_CALIBRATION)
             outcome = route(
@@ -470,24 +327,24 @@ class LiveppServer:
             )
             job.final.append(outcome.answer_dict() | {"id": job.id})
         except Exception as exc:
-            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
 
-    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: _OutboxSink) -> None:
+    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: OutboxSink) -> None:
         """Worker thread: one generation, every model step through the runner."""
         decoder = self.decoder
         try:
             if self.remote is not None:
                 # A remote engine schedules its own requests; no runner needed.
                 prompt_ids: list[int] = []
-                source: Any = _JobStream(self.remote.stream(prompt, params), job)
+                source: Any = JobStream(self.remote.stream(prompt, params), job)
                 model_name = self.remote.model
             else:
                 prompt_ids = self.runner.call(functools.partial(decoder.encode, prompt, raw=params.raw))
                 # decoder.stream validates before any compute.
-                source = _JobStream(self.runner.iterate(decoder.stream(prompt_ids, params)), job)
+                source = JobStream(self.runner.iterate(decoder.stream(prompt_ids, params)), job)
                 model_name = decoder.loaded.name
         except LiveppError as exc:
-            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
             return
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
         try:
@@ -498,7 +355,7 @@ class LiveppServer:
                 params=params.to_dict() | {"window": 32},
             )
         except Exception as exc:  # the end event (reason "error") is queued before this
-            job.final.append({"type": "error", "id": job.id, "code": _error_code(exc), "message": _one_line(exc)})
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
 
     async def shutdown(self) -> None:
         """Stop every running generation with reason "shutdown" and wait for their ends."""
