@@ -20,7 +20,7 @@ import time
 import torch
 
 from livepp import Decoder, EarlyStop, GenerationParams, generate_many, load_model
-from livepp.sinks import event_json
+from livepp.core.sinks import event_json
 
 PROMPTS = [
     "Write a long story about a cat who learns to sail.",

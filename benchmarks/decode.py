@@ -22,7 +22,7 @@ import torch
 from transformers import TextIteratorStreamer
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor, load_model
-from livepp.sinks import event_json
+from livepp.core.sinks import event_json
 
 PROMPT = "Write a long story about a cat who learns to sail."
 

@@ -5,7 +5,7 @@
 Without --url it starts llama.cpp's server (llama-cpp-python[server]) on a
 loopback port with the embedded GGUF file. Baseline: the raw SSE stream read
 and JSON-decoded line by line, counting tokens (what any client must do).
-livepp: the same request through OpenAISource with the tracker, an EarlyStop
+livepp: the same request through OpenAIEngine with the tracker, an EarlyStop
 policy that never fires and JSON serialisation of every event. Interleaved,
 best of N; prints tokens/s of both and the overhead.
 """
@@ -23,9 +23,9 @@ import urllib.request
 from urllib.parse import urlsplit
 
 from livepp import EarlyStop, GenerationParams, Monitor
-from livepp.models import default_model_path
-from livepp.remote import OpenAISource
-from livepp.sinks import event_json
+from livepp.engines.torch.models import default_model_path
+from livepp.engines.remote import OpenAIEngine
+from livepp.core.sinks import event_json
 
 PROMPT = "Write a long story about a cat who learns to sail."
 
@@ -55,7 +55,7 @@ def timed(fn, *args) -> tuple[float, float]:
 
 
 def raw_stream(url: str, model: str, n: int) -> tuple[float, int]:
-    source = OpenAISource(url, model)
+    source = OpenAIEngine(url, model)
     body = source.request_body(PROMPT, GenerationParams(max_new_tokens=n, ignore_eos=True))
     u = urlsplit(url)
     t = time.perf_counter()
@@ -80,7 +80,7 @@ class Serialise:
 def monitored(url: str, model: str, n: int) -> tuple[float, int]:
     t = time.perf_counter()
     result = Monitor(policies=[EarlyStop(1e9)], sinks=[Serialise()], keep_events=False).run(
-        OpenAISource(url, model).stream(PROMPT, GenerationParams(max_new_tokens=n, ignore_eos=True)))
+        OpenAIEngine(url, model).open(PROMPT, GenerationParams(max_new_tokens=n, ignore_eos=True)))
     return result.end.n_tokens / (time.perf_counter() - t), result.end.n_tokens
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from livepp import load_model
-from livepp.scoring import score_ids, text_ids
+from livepp.scoring.teacher_forced import score_ids, text_ids
 
 DEFAULT_TEXT = "/usr/share/common-licenses/GPL-3"
 

@@ -23,7 +23,7 @@ import time
 from websockets.sync.client import connect
 
 from livepp import Decoder, GenerationParams, Monitor, load_model
-from livepp.server import LiveppServer, ServerConfig, serve_forever
+from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 
 PROMPT = "Write a long story about a cat who learns to sail."
 

@@ -27,14 +27,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from livepp.core.stream import RecordStream
 from livepp import Decoder, load_model
-from livepp.calibrate import calibrate, label_short_answers
-from livepp.car import auroc, expected_calibration_error
-from livepp.events import TokenRecord, to_json_dict
-from livepp.monitor import Monitor
-from livepp.policies import CARRouter
-from livepp.routing import SHORT_PROMPT, StepByStep, Vote, short_answer
-from livepp.tasks import answer_matches, builtin_split
+from livepp.car.calibrate import calibrate, label_short_answers
+from livepp.car.calibration import auroc, expected_calibration_error
+from livepp.core.events import TokenRecord, to_json_dict
+from livepp.core.monitor import Monitor
+from livepp.core.policies import CARRouter
+from livepp.car.routing import SHORT_PROMPT, StepByStep, Vote, short_answer
+from livepp.car.tasks import answer_matches, builtin_split
 
 OUT = Path(__file__).parent / "out"
 
@@ -50,7 +51,7 @@ class Recorder:
 def early_route_tokens(short_result, router: CARRouter) -> int | None:
     """Replay a short answer through the early router: tokens spent before it routes, or None."""
     records = [TokenRecord(e.token_id, e.text, e.logprob, e.entropy, e.top_logprobs, e.confidence) for e in short_result.tokens]
-    result = Monitor(policies=[router]).run(iter(records))
+    result = Monitor(policies=[router]).run(RecordStream(records))
     return result.end.n_tokens if result.end.reason == "policy" else None
 
 

@@ -18,9 +18,9 @@ import argparse
 import time
 
 from livepp import Decoder, GenerationParams, load_model
-from livepp.deepconf import think
-from livepp.routing import SHORT_PROMPT, short_answer
-from livepp.tasks import answer_matches, builtin_split
+from livepp.car.deepconf import think
+from livepp.car.routing import SHORT_PROMPT, short_answer
+from livepp.car.tasks import answer_matches, builtin_split
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         runs = {}
         for mode in ("offline", "online"):
             t = time.perf_counter()
-            runs[mode] = think(q.question, decoder=decoder, traces=args.traces, warmup=args.warmup, eta=args.eta, group=args.group,
+            runs[mode] = think(q.question, engine=decoder, traces=args.traces, warmup=args.warmup, eta=args.eta, group=args.group,
                                mode=mode, params=params, prompt=SHORT_PROMPT)
             seconds[mode] += time.perf_counter() - t
             tokens[mode] += runs[mode].tokens

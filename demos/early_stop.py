@@ -15,9 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from livepp.policies import ConfidenceStop, EarlyStop
-from livepp.replay import read_traces, replay
-from livepp.tracker import Tracker
+from livepp.core.policies import ConfidenceStop, EarlyStop
+from livepp.core.replay import read_traces, replay
+from livepp.core.tracker import Tracker
 
 DEFAULT = Path(__file__).parent / "out" / "long_traces.jsonl"
 

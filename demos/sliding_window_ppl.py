@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from livepp import load_model
-from livepp.scoring import score_ids, text_ids
+from livepp.scoring.teacher_forced import score_ids, text_ids
 
 PAIRS = [(64, 64), (64, 16), (128, 128), (128, 32), (256, 256), (256, 64), (512, 512), (512, 128)]
 

@@ -1,6 +1,6 @@
 """livepp: watch a language model's perplexity live while it generates, and act on it.
 
-Public names are imported lazily on first use, so ``import livepp.tracker``
+Public names are imported lazily on first use, so ``import livepp.core.tracker``
 (or a remote-only user) never pays for importing torch and transformers.
 """
 
@@ -15,33 +15,33 @@ _EXPORTS = {
     "stream_many": "api",
     "astream": "api",
     "greedy_token_scores": "api",
-    "score_text": "scoring",
-    "score_target": "scoring",
-    "score_ids": "scoring",
-    "ScoreResult": "scoring",
-    "Decoder": "decoder",
-    "load_model": "models",
-    "LoadedModel": "models",
-    "GenerationParams": "params",
-    "LiveppError": "params",
-    "Monitor": "monitor",
-    "Result": "monitor",
-    "Tracker": "tracker",
-    "Policy": "policies",
-    "Decision": "policies",
-    "CONTINUE": "policies",
-    "EarlyStop": "policies",
-    "run_policies": "policies",
-    "TokenRecord": "events",
-    "TopLogprob": "events",
-    "StartEvent": "events",
-    "TokenEvent": "events",
-    "PolicyEvent": "events",
-    "EndEvent": "events",
-    "ErrorEvent": "events",
-    "to_json_dict": "events",
-    "JsonlSink": "sinks",
-    "CallbackSink": "sinks",
+    "score_text": "scoring.teacher_forced",
+    "score_target": "scoring.teacher_forced",
+    "score_ids": "scoring.teacher_forced",
+    "ScoreResult": "scoring.teacher_forced",
+    "Decoder": "engines.torch.decoder",
+    "load_model": "engines.torch.models",
+    "LoadedModel": "engines.torch.models",
+    "GenerationParams": "core.params",
+    "LiveppError": "core.params",
+    "Monitor": "core.monitor",
+    "Result": "core.monitor",
+    "Tracker": "core.tracker",
+    "Policy": "core.policies",
+    "Decision": "core.policies",
+    "CONTINUE": "core.policies",
+    "EarlyStop": "core.policies",
+    "run_policies": "core.policies",
+    "TokenRecord": "core.events",
+    "TopLogprob": "core.events",
+    "StartEvent": "core.events",
+    "TokenEvent": "core.events",
+    "PolicyEvent": "core.events",
+    "EndEvent": "core.events",
+    "ErrorEvent": "core.events",
+    "to_json_dict": "core.events",
+    "JsonlSink": "core.sinks",
+    "CallbackSink": "core.sinks",
 }
 
 __all__ = list(_EXPORTS)
@@ -61,14 +61,14 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from .api import astream, generate, generate_many, greedy_token_scores, stream_many
-    from .scoring import ScoreResult, score_ids, score_target, score_text
-    from .decoder import Decoder
-    from .events import (EndEvent, ErrorEvent, PolicyEvent, StartEvent, TokenEvent,
+    from livepp.api import astream, generate, generate_many, greedy_token_scores, stream_many
+    from livepp.scoring.teacher_forced import ScoreResult, score_ids, score_target, score_text
+    from livepp.engines.torch.decoder import Decoder
+    from livepp.core.events import (EndEvent, ErrorEvent, PolicyEvent, StartEvent, TokenEvent,
                          TokenRecord, TopLogprob, to_json_dict)
-    from .models import LoadedModel, load_model
-    from .monitor import Monitor, Result
-    from .params import GenerationParams, LiveppError
-    from .policies import CONTINUE, Decision, EarlyStop, Policy, run_policies
-    from .sinks import CallbackSink, JsonlSink
-    from .tracker import Tracker
+    from livepp.engines.torch.models import LoadedModel, load_model
+    from livepp.core.monitor import Monitor, Result
+    from livepp.core.params import GenerationParams, LiveppError
+    from livepp.core.policies import CONTINUE, Decision, EarlyStop, Policy, run_policies
+    from livepp.core.sinks import CallbackSink, JsonlSink
+    from livepp.core.tracker import Tracker

@@ -1,37 +1,41 @@
-"""The one-call Python API: generate with live monitoring."""
+"""The one-call Python API: generate with live monitoring, on any engine.
+
+``model`` is an engine (anything that follows :class:`~livepp.engines.protocol.Engine`:
+the local torch engine, a remote ``OpenAIEngine``, your own), a ``Decoder``,
+a loaded model, a path or cached Hub id, or None for the embedded default.
+Torch is imported only when a local model is asked for.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
-from .decoder import Decoder
-from .models import LoadedModel, load_model
-from .monitor import Monitor, Result, Sink
-from .params import GenerationParams
-from .policies import Policy
-from .tracker import Tracker
+from livepp.core.monitor import Monitor, Result, Sink
+from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.policies import Policy
+from livepp.core.tracker import Tracker
+from livepp.engines.protocol import ModelLike, Prompt, as_engine
 
 if TYPE_CHECKING:
-    from .scoring import ScoreResult
+    from livepp.engines.torch.decoder import Decoder
+    from livepp.engines.torch.models import LoadedModel
+    from livepp.scoring.teacher_forced import ScoreResult
 
-__all__ = ["generate", "generate_many", "stream_many", "astream", "as_decoder", "greedy_token_scores"]
+__all__ = ["generate", "generate_many", "stream_many", "astream", "as_engine", "as_decoder", "greedy_token_scores"]
 
+def as_decoder(model: "Decoder | LoadedModel | str | os.PathLike[str] | None", *, device: str = "cpu", dtype: str = "float32") -> "Decoder":
+    """The local streaming decoder for ``model`` (a decoder, a loaded model,
+    a path or cached Hub id, or None for the embedded default)."""
+    from livepp.engines.torch.engine import torch_engine
 
-def as_decoder(model: Decoder | LoadedModel | str | os.PathLike[str] | None, *, device: str = "cpu", dtype: str = "float32") -> Decoder:
-    """Accept a decoder, a loaded model, a path (or cached Hub id), or None
-    for the embedded default; a path is loaded on ``device`` in ``dtype``."""
-    if isinstance(model, Decoder):
-        return model
-    if isinstance(model, LoadedModel):
-        return Decoder(model)
-    return Decoder(load_model(model, device=device, dtype=dtype))
+    return torch_engine(model, device=device, dtype=dtype).decoder
 
 
 def generate(
-    prompt: str,
+    prompt: Prompt,
     *,
-    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    model: ModelLike = None,
     params: GenerationParams | None = None,
     policies: Sequence[Policy] = (),
     sinks: Sequence[Sink] = (),
@@ -49,9 +53,8 @@ def generate(
     >>> r.end.ppl  # doctest: +SKIP
     """
     params = params or GenerationParams()
-    decoder = as_decoder(model)
-    prompt_ids = decoder.encode(prompt, raw=params.raw)
-    source = decoder.stream(prompt_ids, params)  # validates before any compute
+    engine = as_engine(model)
+    stream = engine.open(prompt, params)  # validates before any compute
     monitor = Monitor(
         policies=policies,
         sinks=sinks,
@@ -62,13 +65,13 @@ def generate(
         "ema_alpha": ema_alpha,
         "confidence_window": confidence_window,
     }
-    return monitor.run(source, model=decoder.loaded.name, prompt_token_ids=prompt_ids, params=run_params)
+    return monitor.run(stream, model=engine.name, params=run_params)
 
 
 def greedy_token_scores(
     prompt: str,
     *,
-    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    model: "Decoder | LoadedModel | str | os.PathLike[str] | None" = None,
     max_new_tokens: int = 256,
     raw: bool = False,
 ) -> "ScoreResult":
@@ -78,7 +81,7 @@ def greedy_token_scores(
     prompt+answer teacher-forced); the decoder already has the raw
     logprob of each token it picks, so one pass gives the same numbers.
     """
-    from .scoring import ScoredToken, ScoreResult
+    from livepp.scoring.teacher_forced import ScoredToken, ScoreResult
 
     decoder = as_decoder(model)
     params = GenerationParams(max_new_tokens=max_new_tokens, raw=raw, top_logprobs=0, confidence_k=0)
@@ -90,32 +93,28 @@ def greedy_token_scores(
     return ScoreResult(tokens=tokens, first_token_rule="generated tokens only, each conditioned on the prompt and the tokens before it")
 
 
-def _requests(decoder: Decoder, prompts: Sequence[str], n: int, params: GenerationParams) -> list[Any]:
+def _row_params(prompts: Sequence[Prompt], n: int, params: GenerationParams) -> tuple[list[Prompt], list[GenerationParams]]:
     """Prompts in order, then samples: sample i = prompt i // n, draw i % n.
     Draw j of a seeded request uses seed + j, so samples differ and repeat."""
     from dataclasses import replace
 
-    from .batch import BatchRequest
-    from .params import LiveppError
-
     if isinstance(prompts, str) or not prompts:
         raise LiveppError("give a list of one or more prompts")
-    if not isinstance(n, int) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise LiveppError(f"n must be an integer >= 1, got {n!r}")
-    out = []
+    rows, row_params = [], []
     for prompt in prompts:
-        ids = tuple(decoder.encode(prompt, raw=params.raw))
         for j in range(n):
-            p = params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
-            out.append(BatchRequest(ids, p))
-    return out
+            rows.append(prompt)
+            row_params.append(params if params.seed is None or j == 0 else replace(params, seed=params.seed + j))
+    return rows, row_params
 
 
 def stream_many(
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     n: int = 1,
-    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    model: ModelLike = None,
     params: GenerationParams | None = None,
     policies: Callable[[], Sequence[Policy]] = lambda: [],
     window: int = 32,
@@ -128,22 +127,22 @@ def stream_many(
     policy stop takes that sample out of the batch at once. Closing the
     iterator stops every sample.
     """
-    from .batch import MonitoredBatch
+    from livepp.core.batch_monitor import MonitoredBatch
 
     params = params or GenerationParams()
-    decoder = as_decoder(model)
-    requests = _requests(decoder, prompts, n, params)
+    rows, row_params = _row_params(prompts, n, params)
+    engine = as_engine(model)
     settings = {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window}
-    batch = MonitoredBatch(decoder, requests, policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings),
-                           run_params=settings)
+    batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name,
+                           policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings), run_params=settings)
     yield from batch
 
 
 def generate_many(
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     n: int = 1,
-    model: Decoder | LoadedModel | str | os.PathLike[str] | None = None,
+    model: ModelLike = None,
     params: GenerationParams | None = None,
     policies: Callable[[], Sequence[Policy]] = lambda: [],
     sinks: Sequence[Sink] = (),
@@ -154,11 +153,11 @@ def generate_many(
     """:func:`stream_many` to the end: one :class:`Result` per sample (prompts
     in order, then samples). ``sinks`` see every event; a sink with an
     ``emit_sample(sample, event)`` method gets the sample index too."""
-    from .events import EndEvent, TokenEvent
+    from livepp.core.events import EndEvent, TokenEvent
 
     count = len(prompts) * n if not isinstance(prompts, str) else 0
     results = [Result() for _ in range(max(count, 0))]
-    from .batch import sample_emitter
+    from livepp.core.batch_monitor import sample_emitter
 
     emitters = [sample_emitter(s) for s in sinks]
     for sample, event in stream_many(prompts, n=n, model=model, params=params, policies=policies, window=window,

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from livepp import EarlyStop, GenerationParams, Monitor, generate_many
-from livepp.batch import BatchDecoder, BatchRequest
-from livepp.cli import main
+from livepp.engines.torch.batch import BatchDecoder, BatchRequest
+from livepp.cli.main import main
 
 pytestmark = pytest.mark.model
 
@@ -114,11 +114,12 @@ def test_cli_many_prompts_and_samples_tag_events(decoder):
     assert [starts[i]["params"]["seed"] for i in range(4)] == [1, 2, 1, 2]
     assert starts[0]["prompt_token_ids"] == starts[1]["prompt_token_ids"] != starts[2]["prompt_token_ids"]
     out = CliRunner().invoke(main, ["generate", "a", "b", "--remote", "http://127.0.0.1:1/v1", "--remote-model", "m"])
-    assert out.exit_code == 2 and "local batch" in out.output
+    # A remote engine runs the rows one request after another (no longer refused).
+    assert out.exit_code == 2 and "cannot connect to http://127.0.0.1:1/v1" in out.output
 
 
 def test_vote_samples_its_answers_as_one_batch(decoder):
-    from livepp.routing import SHORT_PROMPT, Vote
+    from livepp.car.routing import SHORT_PROMPT, Vote
 
     shapes = []
     handle = decoder.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)

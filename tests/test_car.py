@@ -9,10 +9,10 @@ import re
 import pytest
 
 from livepp import LiveppError, Monitor, Tracker
-from livepp.car import Calibration, auroc, expected_calibration_error, fit_calibration
-from livepp.events import PolicyEvent
-from livepp.policies import CARRouter, ConfidenceStop, EarlyStop, SpikeAlert, parse_policy, warmup_threshold
-from livepp.tasks import answer_matches, builtin_split, load_questions
+from livepp.car.calibration import Calibration, auroc, expected_calibration_error, fit_calibration
+from livepp.core.events import PolicyEvent
+from livepp.core.policies import CARRouter, ConfidenceStop, EarlyStop, SpikeAlert, parse_policy, warmup_threshold
+from livepp.car.tasks import answer_matches, builtin_split, load_questions
 
 
 def test_gaussian_fit_and_posterior_by_hand():
@@ -212,7 +212,7 @@ def test_fitted_posterior_never_rises_with_ppl(rows, space):
 def test_every_shipped_calibration_is_monotone():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parent.parent / "livepp" / "data").glob("*.json"))
+    files = sorted((Path(__file__).parent.parent / "livepp" / "car" / "data").glob("*.json"))
     assert files
     for f in files:
         assert _non_increasing(Calibration.load(f)), f

@@ -9,7 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from livepp.cli import main
+from livepp.cli.main import main
 
 TOKEN_KEYS = {"type", "index", "token_id", "text", "logprob", "entropy", "top_logprobs", "mean_nll", "ppl", "window_ppl", "ema_nll", "confidence"}
 END_KEYS = {"type", "reason", "n_tokens", "text", "mean_nll", "ppl", "prefill_s", "decode_s", "tokens_per_s"}

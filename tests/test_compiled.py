@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from livepp import Decoder, GenerationParams, LiveppError
-from livepp.models import LoadedModel
+from livepp.engines.torch.models import LoadedModel
 
 
 class _Tok:

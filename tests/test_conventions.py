@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from livepp import Decoder, GenerationParams
-from livepp.cli import main
-from livepp.scoring import score_target, score_text, score_text_lm_eval
+from livepp.cli.main import main
+from livepp.scoring.teacher_forced import score_target, score_text, score_text_lm_eval
 
 pytestmark = pytest.mark.model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from livepp import Decoder, EarlyStop, GenerationParams, LiveppError, Monitor, Tracker
-from livepp.detokenize import IncrementalDetokenizer
+from livepp.engines.detokenize import IncrementalDetokenizer
 
 pytestmark = pytest.mark.model
 

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from livepp import GenerationParams, Monitor
-from livepp.cli import main
-from livepp.deepconf import think, weighted_vote
-from livepp.tracker import Tracker
+from livepp.cli.main import main
+from livepp.car.deepconf import think, weighted_vote
+from livepp.core.tracker import Tracker
 
 pytestmark = pytest.mark.model
 
@@ -42,7 +42,7 @@ def lowest_group_confidence(tokens, group):
 @pytest.fixture(scope="module")
 def online(decoder):
     rec = Recorder()
-    result = think(QUESTION, decoder=decoder, traces=8, warmup=4, eta=90, group=GROUP, params=PARAMS, prompt=PROMPT, sinks=[rec])
+    result = think(QUESTION, engine=decoder, traces=8, warmup=4, eta=90, group=GROUP, params=PARAMS, prompt=PROMPT, sinks=[rec])
     return result, rec
 
 
@@ -99,7 +99,7 @@ def test_a_trace_equals_the_same_trace_decoded_alone(decoder, online):
 
 def test_offline_keeps_the_top_eta_percent_and_runs_everything(decoder, online):
     online_result, _ = online
-    offline = think(QUESTION, decoder=decoder, traces=8, group=GROUP, eta=50, mode="offline", params=PARAMS, prompt=PROMPT)
+    offline = think(QUESTION, engine=decoder, traces=8, group=GROUP, eta=50, mode="offline", params=PARAMS, prompt=PROMPT)
     scores = [o.score for o in offline.traces]
     threshold = float(np.percentile(scores, 50))
     assert offline.threshold == pytest.approx(threshold)

@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from livepp import Decoder, GenerationParams, LiveppError, load_model
-from livepp.cli import main
-from livepp.models import resolve_device, resolve_dtype
+from livepp.cli.main import main
+from livepp.engines.torch.models import resolve_device, resolve_dtype
 
 pytestmark = pytest.mark.model
 
@@ -68,7 +68,7 @@ def test_a_model_in_the_local_hub_cache_loads_by_id(loaded, tmp_path):
     (tmp_path / "hub" / "models--local--smollm2" / "refs").mkdir()
     (tmp_path / "hub" / "models--local--smollm2" / "refs" / "main").write_text("0123abcd")
     env = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "livepp.cli", "generate", "What is 2+2?", "--model", "local/smollm2",
+    out = subprocess.run([sys.executable, "-m", "livepp.cli.main", "generate", "What is 2+2?", "--model", "local/smollm2",
                           "--max-new-tokens", "4", "--device", "cpu", "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     events = [json.loads(line) for line in out.stdout.splitlines()]
@@ -76,7 +76,7 @@ def test_a_model_in_the_local_hub_cache_loads_by_id(loaded, tmp_path):
 
 
 def _cache_dir_of(loaded):
-    from livepp.models import _gguf_cache_key, cache_dir
+    from livepp.engines.torch.models import _gguf_cache_key, cache_dir
 
     gguf = Path(loaded.source)
     return cache_dir() / f"{gguf.stem}-{_gguf_cache_key(gguf)}"

@@ -8,12 +8,13 @@ import random
 
 import pytest
 
+from livepp.core.stream import RecordStream
 from livepp import Monitor
-from livepp.car import Calibration, fit_calibration
-from livepp.events import TokenRecord
-from livepp.heldout import (cross_validated_posteriors, early_min_tokens, fit_temperature, heldout_report, kfold, nll,
+from livepp.car.calibration import Calibration, fit_calibration
+from livepp.core.events import TokenRecord
+from livepp.car.heldout import (cross_validated_posteriors, early_min_tokens, fit_temperature, heldout_report, kfold, nll,
                             prefix_models, routing_outcome, scale)
-from livepp.policies import CARRouter
+from livepp.core.policies import CARRouter
 
 
 def _data(n=60, seed=1):
@@ -111,13 +112,13 @@ def test_early_routing_at_token_t_uses_the_prefix_t_calibration():
     assert full.for_prefix(1) is None and full.for_prefix(9).mean_correct == 1.5  # beyond the last: the last
     lp = -math.log(2.0)  # every token has probability 1/2: running PPL exactly 2
     records = [TokenRecord(i, "x", lp) for i in range(8)]
-    result = Monitor(policies=[CARRouter(full, early=True)]).run(iter(records))
+    result = Monitor(policies=[CARRouter(full, early=True)]).run(RecordStream(records))
     assert result.end.reason == "policy" and result.end.n_tokens == 3
     # Without prefix models early routing does not fire by default; asked
     # for explicitly, the finished-answer model at every prefix routes at 2.
     legacy = Calibration("m", "ppl", 1.2, 0.01, 1.6, 0.01, 0.5, 0.5, 20, 20)
-    assert Monitor(policies=[CARRouter(legacy, early=True)]).run(iter(records)).end.reason == "length"
-    result = Monitor(policies=[CARRouter(legacy, early=True, min_tokens=2)]).run(iter(records))
+    assert Monitor(policies=[CARRouter(legacy, early=True)]).run(RecordStream(records)).end.reason == "length"
+    result = Monitor(policies=[CARRouter(legacy, early=True, min_tokens=2)]).run(RecordStream(records))
     assert result.end.n_tokens == 2
 
 
@@ -130,7 +131,7 @@ def test_min_tokens_comes_from_the_heldout_auroc():
     # Prefix models, but none close enough to the finished answers: no early route.
     none_good = Calibration("m", "ppl", 1.2, 0.01, 1.6, 0.01, 0.5, 0.5, 20, 20, prefix_models=[_prefix_model(2, 1.2, 1.6)])
     records = [TokenRecord(i, "x", -math.log(5.0)) for i in range(6)]
-    assert Monitor(policies=[CARRouter(none_good, early=True)]).run(iter(records)).end.reason == "length"
+    assert Monitor(policies=[CARRouter(none_good, early=True)]).run(RecordStream(records)).end.reason == "length"
 
 
 def test_prefix_models_are_fitted_on_prefixes_of_each_length():
@@ -158,7 +159,7 @@ def test_cv_needs_enough_of_each_class():
 
 
 def test_evaluate_scores_a_fitted_file_on_other_answers():
-    from livepp.calibrate import LabelledAnswer, evaluate
+    from livepp.car.calibrate import LabelledAnswer, evaluate
 
     cal = Calibration("m", "ppl", 1.2, 0.01, 1.6, 0.01, 0.5, 0.5, 20, 20)
     answers = [LabelledAnswer("q", ("1",), "r", p, 3, y) for p, y in [(1.1, True), (1.3, True), (1.5, False), (1.7, False), (1.45, True)]]

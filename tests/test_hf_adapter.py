@@ -9,7 +9,7 @@ import torch
 from transformers import StoppingCriteriaList
 
 from livepp import GenerationParams, Monitor
-from livepp.hf import LiveppStoppingCriteria
+from livepp.engines.torch.hf import LiveppStoppingCriteria
 
 
 def test_reads_the_models_final_logits_after_softcapping():

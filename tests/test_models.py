@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from livepp import LiveppError, load_model
-from livepp import models
-from livepp.models import write_directory_atomically
+from livepp.engines.torch import models
+from livepp.engines.torch.models import write_directory_atomically
 
 
 def test_unknown_path(tmp_path):

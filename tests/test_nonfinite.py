@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from livepp.core.stream import RecordStream
 from livepp import EarlyStop, JsonlSink, Monitor
-from livepp.car import Calibration
-from livepp.policies import CARRouter, ConfidenceStop, SpikeAlert
-from livepp.replay import read_traces, replay_trace
-from livepp.tracker import Tracker
+from livepp.car.calibration import Calibration
+from livepp.core.policies import CARRouter, ConfidenceStop, SpikeAlert
+from livepp.core.replay import read_traces, replay_trace
+from livepp.core.tracker import Tracker
 
 
 def test_minus_inf_makes_ppl_infinite_and_the_window_recovers():
@@ -94,21 +95,21 @@ def test_a_logprob_above_zero_by_rounding_is_clamped_and_car_does_not_raise():
 def test_early_stop_fires_on_the_infinite_token_itself(fake_source):
     logprobs = [-0.5] * 5 + [-math.inf] + [-0.5] * 5
     source = fake_source(logprobs)
-    result = Monitor(policies=[EarlyStop(50.0, metric="window_ppl", min_tokens=1)]).run(iter(source))
+    result = Monitor(policies=[EarlyStop(50.0, metric="window_ppl", min_tokens=1)]).run(RecordStream(source))
     assert result.end.reason == "policy" and result.end.n_tokens == 6
 
 
 def test_traces_with_infinite_logprobs_round_trip_through_json_and_replay(tmp_path, fake_source):
     logprobs = [-0.5, -0.7, -math.inf, -0.4, -0.6, -0.3]
     out = io.StringIO()
-    Monitor(sinks=[JsonlSink(out)]).run(iter(fake_source(logprobs)))
+    Monitor(sinks=[JsonlSink(out)]).run(RecordStream(fake_source(logprobs)))
     lines = [json.loads(line) for line in out.getvalue().splitlines()]  # strict JSON: no NaN/Infinity
     assert lines[3]["logprob"] is None and lines[3]["ppl"] is None
     path = tmp_path / "trace.jsonl"
     path.write_text(out.getvalue())
     [trace] = read_traces(path)
     assert trace.records[2].logprob == -math.inf
-    live = Monitor(policies=[EarlyStop(20.0, metric="window_ppl", min_tokens=1)]).run(iter(fake_source(logprobs)))
+    live = Monitor(policies=[EarlyStop(20.0, metric="window_ppl", min_tokens=1)]).run(RecordStream(fake_source(logprobs)))
     assert replay_trace(trace, [EarlyStop(20.0, metric="window_ppl", min_tokens=1)]) == live.end.n_tokens - 1 == 2
 
 

@@ -105,7 +105,7 @@ def test_generate_is_enabled_again_after_a_reconnect_mid_generation(decoder, bro
 
 
 def test_route_mode_shows_short_stage_decision_long_stage_and_answer(decoder, browser, tmp_path):
-    from livepp.car import Calibration
+    from livepp.car.calibration import Calibration
 
     always = tmp_path / "always.json"  # a threshold no posterior reaches: every question goes long
     Calibration(decoder.loaded.name, "log_ppl", 0.1, 0.02, 0.5, 0.02, 0.5, 0.999999, 10, 10).save(always)

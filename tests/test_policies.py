@@ -6,9 +6,10 @@ import math
 
 import pytest
 
+from livepp.core.stream import RecordStream
 from livepp import EarlyStop, Monitor, Tracker
-from livepp.events import EndEvent, PolicyEvent, StartEvent, TokenEvent
-from livepp.policies import Decision, run_policies
+from livepp.core.events import EndEvent, PolicyEvent, StartEvent, TokenEvent
+from livepp.core.policies import Decision, run_policies
 
 
 def first_index_where(logprobs, window, threshold, min_tokens, patience):
@@ -67,7 +68,7 @@ def test_event_order_is_start_tokens_end(fake_source):
 
 def test_end_event_is_emitted_when_source_fails():
     def broken():
-        from livepp.events import TokenRecord
+        from livepp.core.events import TokenRecord
 
         yield TokenRecord(token_id=1, text="a", logprob=-1.0)
         raise RuntimeError("upstream died")
@@ -79,7 +80,7 @@ def test_end_event_is_emitted_when_source_fails():
             seen.append(e)
 
     with pytest.raises(RuntimeError):
-        Monitor(sinks=[Sink()]).run(broken())
+        Monitor(sinks=[Sink()]).run(RecordStream(broken()))
     assert isinstance(seen[-1], EndEvent)
     assert seen[-1].reason == "error"
     assert seen[-1].n_tokens == 1 and seen[-1].text == "a"

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor
-from livepp.models import default_model_path
-from livepp.remote import OpenAISource
+from livepp.engines.torch.models import default_model_path
+from livepp.engines.remote import OpenAIEngine
 
 pytestmark = pytest.mark.model
 
@@ -71,7 +71,7 @@ def non_streamed_logprobs(url: str, max_tokens: int) -> tuple[list[float], str]:
 def test_stream_ppl_equals_servers_own_logprobs_and_is_close_to_local(engine, loaded):
     url, _ = engine
     params = GenerationParams(max_new_tokens=24)
-    result = Monitor().run(OpenAISource(url, "smollm2").stream(PROMPT, params))
+    result = Monitor().run(OpenAIEngine(url, "smollm2").open(PROMPT, params))
     server_lps, server_text = non_streamed_logprobs(url, 24)
     # The server's own numbers, computed by hand, equal livepp's running PPL.
     assert result.end.n_tokens == len(server_lps)
@@ -92,9 +92,9 @@ def test_stream_ppl_equals_servers_own_logprobs_and_is_close_to_local(engine, lo
 def test_early_stop_aborts_the_server_request(engine):
     url, log = engine
     params = GenerationParams(max_new_tokens=400, ignore_eos=True)
-    source = OpenAISource(url, "smollm2")
+    source = OpenAIEngine(url, "smollm2")
     before = log.read_text().lower().count("disconnect")
-    stream = source.stream("Write a very long story about the sea.", params)
+    stream = source.open("Write a very long story about the sea.", params)
     result = Monitor(policies=[EarlyStop(1.0001, metric="ppl", min_tokens=3)]).run(stream)
     assert result.end.reason == "policy" and result.end.n_tokens == 3
     assert isinstance(result.end.tokens_after_stop, int) and result.end.tokens_after_stop >= 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from livepp import GenerationParams, LiveppError, Monitor
-from livepp.remote import OpenAISource
+from livepp.engines.remote import OpenAIEngine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -66,8 +66,8 @@ def sse(*chunks) -> bytes:
 
 
 def run(url, *, api="chat", params=None, policies=(), timeout=10.0):
-    source = OpenAISource(url, "smollm2", api=api, timeout=timeout)
-    return Monitor(policies=policies).run(source.stream("What is 2+2?", params or GenerationParams(max_new_tokens=32)))
+    source = OpenAIEngine(url, "smollm2", api=api, timeout=timeout)
+    return Monitor(policies=policies).run(source.open("What is 2+2?", params or GenerationParams(max_new_tokens=32)))
 
 
 def expected_from_sse(body: bytes, api: str):
@@ -185,7 +185,7 @@ def test_connection_refused_and_timeout():
     finally:
         stub.close()
     with pytest.raises(LiveppError, match="http"):
-        OpenAISource("ftp://x", "m")
+        OpenAIEngine("ftp://x", "m")
 
 
 def run_collecting(url, **kwargs):
@@ -193,10 +193,10 @@ def run_collecting(url, **kwargs):
     from livepp import CallbackSink
 
     events = []
-    source = OpenAISource(url, "smollm2", api=kwargs.pop("api", "chat"), timeout=10.0)
+    source = OpenAIEngine(url, "smollm2", api=kwargs.pop("api", "chat"), timeout=10.0)
     error = None
     try:
-        Monitor(sinks=[CallbackSink(events.append)]).run(source.stream("What is 2+2?", GenerationParams(max_new_tokens=32)))
+        Monitor(sinks=[CallbackSink(events.append)]).run(source.open("What is 2+2?", GenerationParams(max_new_tokens=32)))
     except LiveppError as exc:
         error = exc
     return events, error
@@ -344,8 +344,8 @@ def test_early_stop_closes_the_stream_while_it_is_still_referenced():
     from livepp import EarlyStop
 
     stub = SlowHTTP10Stub()
-    source = OpenAISource(stub.url, "smollm2", timeout=10.0)
-    stream = source.stream("hi", GenerationParams(max_new_tokens=1000))
+    source = OpenAIEngine(stub.url, "smollm2", timeout=10.0)
+    stream = source.open("hi", GenerationParams(max_new_tokens=1000))
     try:
         result = Monitor(policies=[EarlyStop(1.0001, metric="ppl", min_tokens=2)]).run(stream)
         assert result.end.reason == "policy" and result.end.n_tokens == 2
@@ -360,8 +360,8 @@ def test_early_stop_closes_the_stream_while_it_is_still_referenced():
 
 def test_abort_from_another_thread_wakes_a_waiting_read():
     stub = SlowHTTP10Stub()
-    source = OpenAISource(stub.url, "smollm2", timeout=30.0)
-    stream = source.stream("hi", GenerationParams(max_new_tokens=1000))
+    source = OpenAIEngine(stub.url, "smollm2", timeout=30.0)
+    stream = source.open("hi", GenerationParams(max_new_tokens=1000))
     try:
         next(stream)
         threading.Timer(0.2, stream.abort).start()
@@ -375,3 +375,26 @@ def test_abort_from_another_thread_wakes_a_waiting_read():
     finally:
         stream.close()
         stub.close()
+
+
+def test_remote_engine_takes_chat_messages_and_runs_a_batch_one_request_at_a_time():
+    from livepp.api import generate_many
+
+    body = fixture("chat_stream.sse")
+    stub = Stub(body)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    try:
+        results = generate_many([messages, "Hi"], n=2, model=OpenAIEngine(stub.url, "smollm2"),
+                                params=GenerationParams(max_new_tokens=32, temperature=0.5, seed=4))
+    finally:
+        stub.close()
+    lps, text = expected_from_sse(body, "chat")
+    assert [[t.logprob for t in r.tokens] for r in results] == [lps] * 4
+    assert [r.end.text for r in results] == [text] * 4
+    # four requests, in sample order: prompts in order, then draws (seed + j)
+    assert [b["messages"] for b in stub.requests] == [messages, messages, [{"role": "user", "content": "Hi"}]] + [[{"role": "user", "content": "Hi"}]]
+    assert [b["seed"] for b in stub.requests] == [4, 5, 4, 5]
+    with pytest.raises(LiveppError, match="completions API takes text"):
+        OpenAIEngine(stub.url, "smollm2", api="completions").open(messages, GenerationParams())
+    with pytest.raises(LiveppError, match="role"):
+        OpenAIEngine(stub.url, "smollm2").open([{"role": "wizard", "content": "x"}], GenerationParams())

@@ -10,10 +10,10 @@ from click.testing import CliRunner
 from transformers import StoppingCriteriaList
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor, Tracker
-from livepp.cli import main
-from livepp.hf import LiveppStoppingCriteria
-from livepp.policies import parse_policy
-from livepp.replay import read_traces, replay_trace
+from livepp.cli.main import main
+from livepp.engines.torch.hf import LiveppStoppingCriteria
+from livepp.core.policies import parse_policy
+from livepp.core.replay import read_traces, replay_trace
 
 pytestmark = pytest.mark.model
 
@@ -54,7 +54,7 @@ def test_calibrate_writes_calibration_and_report(calibration_file):
     assert data["auroc"] == pytest.approx(sum(pairs) / len(pairs), abs=1e-12)
     assert (data["n_correct"], data["n_incorrect"]) == (len(good), len(bad))
     # Each answer's label is the matcher's verdict on its reply.
-    from livepp.tasks import answer_matches
+    from livepp.car.tasks import answer_matches
 
     assert all(a["correct"] == answer_matches(a["reply"], a["answers"]) for a in labelled)
 
@@ -214,7 +214,7 @@ def test_route_long_stage_on_a_remote_engine(calibration_file, tmp_path):
 
 
 def test_route_task_uses_that_tasks_shipped_calibration():
-    from livepp.car import Calibration, shipped_calibration
+    from livepp.car.calibration import Calibration, shipped_calibration
 
     r = cli("route", "What is 2 + 3?", "--task", "nope")
     assert r.exit_code == 2 and "no shipped calibration for task 'nope'" in r.stderr

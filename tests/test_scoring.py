@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 from livepp import Decoder, GenerationParams, LiveppError, LoadedModel
-from livepp.cli import main
-from livepp.scoring import plan_windows, score_ids, score_target, score_text, text_ids
+from livepp.cli.main import main
+from livepp.scoring.teacher_forced import plan_windows, score_ids, score_target, score_text, text_ids
 
 pytestmark = pytest.mark.model
 

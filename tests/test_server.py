@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from livepp.cli import main
-from livepp.server import LiveppServer, ServerConfig, serve_forever
+from livepp.cli.main import main
+from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 
 pytestmark = pytest.mark.model
 
@@ -124,7 +124,7 @@ def test_disconnect_frees_the_model(server):
     while server.server.jobs and time.time() < deadline:
         time.sleep(0.05)
     assert not server.server.jobs
-    with server.server.decoder.count_forward_passes() as calls:
+    with server.server.engine.decoder.count_forward_passes() as calls:
         time.sleep(0.5)
     assert calls[0] == 0  # nothing is computing for the departed client
 
@@ -264,14 +264,14 @@ def test_route_message_bad_params(server):
 def test_serve_remote_streams_an_engine(tmp_path):
     from test_remote_parsing import Stub, expected_from_sse, fixture
 
-    from livepp.remote import OpenAISource
+    from livepp.engines.remote import OpenAIEngine
 
     body = fixture("chat_stream.sse")
     stub = Stub(body)
 
     class Remote(RunningServer):
         def __init__(self) -> None:
-            self.server = LiveppServer(None, ServerConfig(port=0), remote=OpenAISource(stub.url, "smollm2"))
+            self.server = LiveppServer(OpenAIEngine(stub.url, "smollm2"), ServerConfig(port=0))
             self._ready = threading.Event()
             self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
             self._thread.start()

@@ -11,8 +11,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from livepp.outbox import Outbox
-from livepp.server import ERROR_CODES, Interrupts, LiveppServer, ServerConfig
+from livepp.serve.outbox import Outbox
+from livepp.serve.app import ERROR_CODES, Interrupts, LiveppServer, ServerConfig
 from test_server import RunningServer, error_for, events_until_end, send
 
 pytestmark = pytest.mark.model
@@ -194,9 +194,9 @@ def test_cancel_of_a_remote_stream_does_not_wait_for_the_next_token(tmp_path):
     from test_remote_parsing import SlowHTTP10Stub
 
     stub = SlowHTTP10Stub()
-    from livepp.remote import OpenAISource
+    from livepp.engines.remote import OpenAIEngine
 
-    s = RunningServerRemote(OpenAISource(stub.url, "m", timeout=60.0))
+    s = RunningServerRemote(OpenAIEngine(stub.url, "m", timeout=60.0))
     try:
         with connect(s.url) as ws:
             send(ws, type="generate", id="x", prompt="Hi", params={"max_new_tokens": 1000})
@@ -217,7 +217,7 @@ class RunningServerRemote(RunningServer):
     def __init__(self, remote, **config):  # noqa: D401 - same as RunningServer, with a remote engine
         import threading
 
-        self.server = LiveppServer(None, ServerConfig(port=0, **config), remote=remote)
+        self.server = LiveppServer(remote, ServerConfig(port=0, **config))
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self._thread.start()
@@ -227,10 +227,10 @@ class RunningServerRemote(RunningServer):
 def test_remote_http_errors_have_their_own_code():
     from test_remote_parsing import Stub
 
-    from livepp.remote import OpenAISource
+    from livepp.engines.remote import OpenAIEngine
 
     stub = Stub(b'{"error": "no such model"}', status=404)
-    s = RunningServerRemote(OpenAISource(stub.url, "m"))
+    s = RunningServerRemote(OpenAIEngine(stub.url, "m"))
     try:
         with connect(s.url) as ws:
             send(ws, type="generate", id="u", prompt="Hi", params={"max_new_tokens": 4})

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from livepp.tasks import answer_matches, last_number
+from livepp.car.tasks import answer_matches, last_number
 
 
 @pytest.mark.parametrize(

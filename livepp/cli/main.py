@@ -1,0 +1,224 @@
+"""Command line: ``livepp generate`` (more commands arrive with later features)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from livepp.core.events import ErrorEvent
+from livepp.cli.options import device_options, local_engine
+from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.sinks import JsonlSink, event_json
+
+__all__ = ["main"]
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise LiveppError("give a PROMPT argument, or '-' to read the prompt from standard input")
+        return sys.stdin.read()
+    return prompt
+
+
+def _fail(message: str, *, as_json: bool, code: int) -> None:
+    click.echo(f"livepp: error: {message}", err=True)
+    if as_json:
+        click.echo(event_json(ErrorEvent(message)))
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="livepp")
+def main() -> None:
+    """Watch a language model's perplexity live while it generates, and act on it."""
+
+
+@main.command()
+@click.argument("prompts", nargs=-1, metavar="[PROMPT]...")
+@click.option("-n", "--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per prompt; several prompts and/or samples decode as one batch.")
+@click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample from the K most likely tokens (0 = off).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="Drop tokens below MIN_P x the top probability.")
+@click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
+@click.option("--stop", "stop_strings", multiple=True, metavar="TEXT", help="Stop when TEXT appears (repeatable).")
+@click.option("--top-logprobs", type=int, default=5, show_default=True, help="Alternatives reported per token (0 = off).")
+@click.option("--window", type=click.IntRange(min=1), default=32, show_default=True, help="Tokens in the window PPL.")
+@click.option("--stop-ppl", type=float, default=None, metavar="X", help="Stop when the cumulative PPL exceeds X.")
+@click.option("--stop-window-ppl", type=float, default=None, metavar="X", help="Stop when the window PPL exceeds X.")
+@click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Tokens before a stop threshold is checked.")
+@click.option("--patience", type=click.IntRange(min=1), default=1, show_default=True, help="Consecutive tokens over a threshold before stopping.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence (for benchmarks).")
+@click.option("--raw", is_flag=True, help="Send the prompt as raw text, without the chat template.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step (slow first start, faster decoding).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON event per line instead of the live view.")
+@click.option("--remote", metavar="URL", help="Monitor an OpenAI-compatible engine instead, e.g. http://127.0.0.1:8000/v1.")
+@click.option("--remote-model", metavar="NAME", help="Model name to ask the remote engine for.")
+@click.option("--remote-api", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the remote engine.")
+@device_options
+def generate(
+    prompts: tuple[str, ...],
+    samples: int,
+    model_path: str | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    seed: int | None,
+    stop_strings: tuple[str, ...],
+    top_logprobs: int,
+    window: int,
+    stop_ppl: float | None,
+    stop_window_ppl: float | None,
+    min_tokens: int,
+    patience: int,
+    ignore_eos: bool,
+    raw: bool,
+    use_compile: bool,
+    as_json: bool,
+    remote: str | None,
+    remote_model: str | None,
+    remote_api: str,
+    api_key_env: str | None,
+    timeout: float,
+    device: str,
+    dtype: str,
+) -> None:
+    """Generate a reply to PROMPT ('-' or nothing: read standard input) and
+    show each token coloured by surprisal with live PPL, window PPL and entropy.
+
+    Several PROMPTs and/or -n N samples decode together as one batch (one
+    forward pass per step for all of them); --json events then carry
+    "sample": i, numbering prompts in order, then samples (a seeded run uses
+    seed + j for draw j).
+
+    \b
+    Examples:
+      livepp generate "Why is the sky blue?"
+      livepp generate "Tell me a story" --stop-window-ppl 8 --min-tokens 16
+      echo "2+2=" | livepp generate - --raw --max-new-tokens 4 --json
+      livepp generate "Name a colour." "Name a fruit." -n 4 --temperature 0.8 --seed 1 --json
+    """
+    try:
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            stop=tuple(stop_strings),
+            ignore_eos=ignore_eos,
+            top_logprobs=top_logprobs,
+            raw=raw,
+        )
+        policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
+        if remote is not None:
+            from livepp.engines.remote import source_from_options
+
+            engine: Any = source_from_options(remote, remote_model, api=remote_api, api_key_env=api_key_env, timeout=timeout)
+            start_params = {"remote": remote, "api": remote_api}
+        else:
+            engine = local_engine(model_path, device=device, dtype=dtype)
+            start_params = {}
+        if use_compile:
+            from livepp.engines.torch.engine import TorchEngine
+
+            if not isinstance(engine, TorchEngine) or len(prompts) > 1 or samples > 1:
+                raise LiveppError("--compile is for one stream of a local model: not with --remote, several prompts or -n")
+            engine.decoder.compile()
+        if len(prompts) > 1 or samples > 1:
+            _generate_batch(list(prompts), samples, engine, params, policies, window, as_json)
+            return
+        text = _read_prompt(prompts[0] if prompts else None)
+        if as_json:
+            sinks: list[Any] = [JsonlSink(sys.stdout)]
+        else:
+            from livepp.cli.terminal import TerminalView
+
+            threshold = " or ".join(p.name for p in policies)
+            sinks = [TerminalView(stop_threshold=threshold)]
+        from livepp.core.monitor import Monitor
+        from livepp.core.tracker import Tracker
+
+        tracker = Tracker(window=window)
+        settings = {"window": window, "ema_alpha": tracker.ema_alpha, "confidence_window": tracker.confidence_window}
+        monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window))
+        monitor.run(engine.open(text, params), model=engine.name, params=params.to_dict() | settings | start_params)
+    except LiveppError as exc:
+        _fail(str(exc), as_json=as_json, code=2)
+    except KeyboardInterrupt:
+        _fail("interrupted", as_json=as_json, code=130)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`); nothing left to tell anyone.
+        sys.stderr.close()
+        sys.exit(0)
+    except Exception as exc:  # anything unexpected: one line, not a traceback
+        _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+class _SampleJsonl:
+    """JSON lines of several samples, each event tagged with "sample"."""
+
+    def emit_sample(self, sample: int, event: Any) -> None:
+        from livepp.core.events import dumps, to_json_dict
+
+        sys.stdout.write(dumps(to_json_dict(event) | {"sample": sample}) + "\n")
+        sys.stdout.flush()
+
+
+def _generate_batch(prompts: list[str], samples: int, engine: Any, params: GenerationParams, policies: list[Any],
+                    window: int, as_json: bool) -> None:
+    import copy
+
+    from livepp.api import generate_many
+
+    prompts = [_read_prompt(p) if p == "-" else p for p in prompts]
+    if as_json:
+        sink: Any = _SampleJsonl()
+    else:
+        from livepp.cli.terminal import SamplesView
+
+        sink = SamplesView([f"#{i} p{i // samples}" + (f".{i % samples}" if samples > 1 else "") for i in range(len(prompts) * samples)])
+    # Each sample gets its own fresh copy of the command line's policies.
+    generate_many(prompts, n=samples, model=engine, params=params, policies=lambda: copy.deepcopy(policies),
+                  sinks=[sink], window=window)
+
+
+def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_tokens: int, patience: int) -> list[Any]:
+    from livepp.core.policies import EarlyStop
+
+    policies = []
+    for metric, threshold in (("ppl", stop_ppl), ("window_ppl", stop_window_ppl)):
+        if threshold is None:
+            continue
+        try:
+            policies.append(EarlyStop(threshold, metric=metric, min_tokens=min_tokens, patience=patience))
+        except ValueError as exc:
+            raise LiveppError(f"--stop-{metric.replace('_', '-')}: {exc}") from exc
+    return policies
+
+
+def _register_commands() -> None:
+    from livepp.cli.car import calibrate_cmd, replay_cmd, route_cmd
+    from livepp.cli.score import score
+    from livepp.cli.serve import serve_cmd
+    from livepp.cli.think import think_cmd
+
+    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd, think_cmd):
+        main.add_command(command)
+
+
+_register_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,74 @@
+"""`livepp serve`: the websocket service and live page."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import click
+
+from livepp.cli.options import device_options, local_engine
+from livepp.core.params import LiveppError
+
+__all__ = ["serve_cmd"]
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; anything but loopback exposes the model.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0 picks a free port.")
+@click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
+@click.option("--token", default=None, envvar="LIVEPP_TOKEN", show_envvar=True,
+              help="Require this secret: ws://HOST:PORT/ws?token=... or 'Authorization: Bearer ...'. Prefer the LIVEPP_TOKEN variable: arguments show in ps.")
+@click.option("--max-new-tokens-cap", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--max-requests-per-connection", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--remote", metavar="URL", help="Serve an OpenAI-compatible engine's streams instead of a local model.")
+@click.option("--remote-model", metavar="NAME", help="Model name at --remote.")
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
+@click.option("--calibration", metavar="FILE", help="CAR calibration for route messages (default: the shipped one).")
+@click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="HOST",
+              help="Also accept requests whose Host header names HOST (besides localhost, 127.0.0.1, [::1] and the bound address); '*' accepts any.")
+@device_options
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration, allowed_origins, allowed_hosts, device, dtype) -> None:
+    """Serve the live page at / , the websocket API at /ws and /healthz.
+
+    \b
+    Examples:
+      livepp serve                      # then open http://127.0.0.1:8765/
+      livepp serve --port 0 --token s3cret
+    """
+    from livepp.cli.main import _fail
+
+    try:
+        from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
+
+        config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
+                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
+                              allowed_hosts=tuple(allowed_hosts), calibration=calibration)
+        from livepp.serve.app import LOOPBACK_HOSTS
+
+        if host.lower() not in LOOPBACK_HOSTS:
+            if token is None:
+                click.echo(f"livepp: warning: serving on {host} without --token (or LIVEPP_TOKEN): anyone who can reach this address can use the model", err=True)
+            if not allowed_hosts:
+                click.echo("livepp: note: requests must name the server as localhost, 127.0.0.1 or the bound address in their Host header; "
+                           "add the names clients use with --allow-host", err=True)
+        if remote is not None:
+            from livepp.engines.remote import source_from_options
+
+            engine: Any = source_from_options(remote, remote_model, api_key_env=api_key_env)
+            name = f"{remote_model} at {remote}"
+        else:
+            engine = local_engine(model_path, device=device, dtype=dtype)
+            name = engine.name
+        server = LiveppServer(engine, config)
+
+        def ready(bound: int) -> None:
+            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ (websocket /ws, health /healthz); Ctrl-C stops", err=True)
+
+        asyncio.run(serve_forever(server, ready=ready))
+        click.echo("livepp: stopped", err=True)
+    except LiveppError as exc:
+        _fail(str(exc), as_json=False, code=2)
+    except OSError as exc:
+        _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", as_json=False, code=2)

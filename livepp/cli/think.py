@@ -1,0 +1,98 @@
+"""`livepp think`: DeepConf parallel thinking over sampled traces."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from livepp.cli.options import device_options, local_engine
+from livepp.core.events import dumps
+from livepp.core.params import LiveppError
+
+__all__ = ["think_cmd"]
+
+
+@click.command("think")
+@click.argument("question")
+@click.option("--traces", type=click.IntRange(min=1), default=16, show_default=True, help="Traces in all (warm-up included).")
+@click.option("--warmup", type=click.IntRange(min=1), default=4, show_default=True, help="Online: warm-up traces that set the threshold.")
+@click.option("--eta", type=click.FloatRange(0, 100, min_open=True), default=10, show_default=True,
+              help="Keep the most confident ETA %: 10 = DeepConf-low, 90 = DeepConf-high.")
+@click.option("--group", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Tokens in a group confidence window (the paper's 2048; use fewer for short answers).")
+@click.option("--mode", type=click.Choice(["online", "offline"]), default="online", show_default=True)
+@click.option("--consensus", type=click.FloatRange(0.5, 1, min_open=True), default=None, help="Online: stop once the leading answer holds this share of the weighted vote (e.g. 0.95).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.7, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Trace j uses seed + j.")
+@click.option("--prompt", "template", default="{question}\nThink step by step, then give the final answer on the last line.",
+              show_default=True, help="How the question is asked ({question} is replaced).")
+@click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
+@click.option("--json", "as_json", is_flag=True, help="Every trace's events tagged \"sample\", then a vote line.")
+@device_options
+def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json, device, dtype) -> None:
+    """Answer QUESTION by DeepConf: sample several reasoning traces as one
+    batch, score each by its lowest group confidence, stop weak traces early
+    (online) and take a confidence-weighted vote.
+
+    \b
+    Examples:
+      livepp think "What is 17 + 25?" --traces 8 --warmup 3 --eta 90 --group 16 --max-new-tokens 96
+      livepp think "What is 17 + 25?" --mode offline --traces 8 --group 16 --json
+    """
+    from livepp.cli.main import _fail
+
+    try:
+        if "{question}" not in template:
+            raise LiveppError("--prompt must contain {question}")
+        from livepp.car.deepconf import think
+        from livepp.core.params import GenerationParams
+
+        engine = local_engine(model_path, device=device, dtype=dtype)
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        sink: Any = _JsonTraces() if as_json else _Progress(traces)
+        result = think(question, engine=engine, traces=traces, warmup=warmup, eta=eta, group=group, mode=mode, params=params,
+                       prompt=template, consensus=consensus, sinks=[sink])
+        if as_json:
+            click.echo(dumps(result.vote_dict()))
+            return
+        click.echo("", err=True)
+        for o in result.traces:
+            mark = "kept" if o.sample in result.kept else ("stopped" if o.reason == "policy" else "dropped")
+            click.echo(f"trace {o.sample:>2} {'(warm-up) ' if o.warmup else ''}{mark:<8} score {o.score:7.3f} · {o.n_tokens:>4} tokens · answer {o.answer!r}")
+        click.echo(f"threshold {result.threshold:.3f} ({mode}, eta {eta:g}) · {result.tokens} tokens in all")
+        click.echo(click.style(f"answer: {result.answer}", bold=True) +
+                   f"  (majority {result.majority!r}, mean-confidence vote {result.mean_confidence_answer!r})")
+    except LiveppError as exc:
+        _fail(str(exc), as_json=as_json, code=2)
+
+
+class _JsonTraces:
+    def emit_sample(self, sample: int, event: Any) -> None:
+        from livepp.core.events import to_json_dict
+
+        sys.stdout.write(dumps(to_json_dict(event) | {"sample": sample}) + "\n")
+        sys.stdout.flush()
+
+
+class _Progress:
+    """One stderr line: traces finished so far and tokens generated."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.tokens = total, 0, 0
+        self.live = sys.stderr.isatty()
+
+    def emit_sample(self, sample: int, event: Any) -> None:
+        if not self.live:
+            return
+        if event.type == "token":
+            self.tokens += 1
+        elif event.type == "end":
+            self.done += 1
+        else:
+            return
+        sys.stderr.write(f"\rtraces finished {self.done}/{self.total} · {self.tokens} tokens")
+        sys.stderr.flush()

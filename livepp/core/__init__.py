@@ -1,0 +1,3 @@
+"""The torch-free core: events, parameters, the tracker, policies, the monitor, sinks and traces.
+
+Nothing here imports torch, transformers or anything above the core."""

@@ -1,0 +1,298 @@
+"""Policies: small objects that look at the tracker after each token and decide.
+
+A policy has one method, ``check(event, tracker) -> Decision``. It sees the
+token event just built and the tracker that already counted it, and returns
+``CONTINUE`` or a decision to stop, route or note, with a human reason.
+Policies compose with :func:`run_policies`: they are asked in order, notes
+are collected, and the first stop or route wins. Policies hold their own small
+state (``patience`` counters), so use a fresh instance per generation or call
+``reset()``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+
+from livepp.core.events import TokenEvent
+from livepp.core.params import LiveppError
+from livepp.core.tracker import Tracker
+
+if TYPE_CHECKING:
+    from livepp.car.calibration import Calibration
+
+__all__ = [
+    "Action",
+    "Decision",
+    "CONTINUE",
+    "Policy",
+    "EarlyStop",
+    "SpikeAlert",
+    "ConfidenceStop",
+    "CARRouter",
+    "warmup_threshold",
+    "parse_policy",
+    "run_policies",
+]
+
+Action = Literal["continue", "stop", "route", "note"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    policy: str = ""
+    reason: str = ""
+
+
+CONTINUE = Decision("continue")
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision: ...
+
+    def reset(self) -> None: ...
+
+
+_METRICS = {
+    "window_ppl": lambda t: t.window_ppl,
+    "ppl": lambda t: t.ppl,
+    "ema_ppl": lambda t: t.ema_ppl,
+}
+
+
+class EarlyStop:
+    """Stop when a perplexity crosses a threshold.
+
+    ``metric`` is ``window_ppl`` (the last W tokens), ``ppl`` (everything so
+    far) or ``ema_ppl`` (exp of the EMA of nll). The condition is
+    ``metric > threshold``; it is not checked before ``min_tokens`` tokens have
+    been counted, and must hold on ``patience`` consecutive tokens. The stop is
+    therefore issued on the first token at which the condition has held
+    ``patience`` times in a row, counting only tokens at index >= min_tokens-1.
+    """
+
+    def __init__(
+        self,
+        threshold: float,
+        *,
+        metric: str = "window_ppl",
+        min_tokens: int = 1,
+        patience: int = 1,
+    ) -> None:
+        if metric not in _METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(_METRICS)}")
+        if not (threshold > 1.0 and math.isfinite(threshold)):
+            raise ValueError(f"a PPL threshold must be a finite number > 1, got {threshold}")
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.threshold = threshold
+        self.metric = metric
+        self.min_tokens = min_tokens
+        self.patience = patience
+        self.name = f"EarlyStop({metric}>{threshold:g})"
+        self._value = _METRICS[metric]
+        self._streak = 0
+
+    def reset(self) -> None:
+        self._streak = 0
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        if tracker.n < self.min_tokens:
+            return CONTINUE
+        value = self._value(tracker)
+        if value > self.threshold:
+            self._streak += 1
+        else:
+            self._streak = 0
+        if self._streak < self.patience:
+            return CONTINUE
+        return Decision(
+            "stop",
+            self.name,
+            f"{self.metric} {value:.3f} > {self.threshold:g} "
+            f"for {self._streak} token(s) after {tracker.n} tokens",
+        )
+
+
+def run_policies(policies: Iterable[Policy], event: TokenEvent, tracker: Tracker) -> list[Decision]:
+    """Ask each policy in order and return what they said that was not continue.
+
+    Notes never end a generation, so every note is kept and asking goes on; the
+    first stop or route wins, ends the round and is the last item returned.
+    """
+    said: list[Decision] = []
+    for policy in policies:
+        decision = policy.check(event, tracker)
+        if decision.action == "continue":
+            continue
+        said.append(decision)
+        if decision.action != "note":
+            break
+    return said
+
+
+class SpikeAlert:
+    """Note (never stop) tokens whose NLL is ``z`` standard deviations above
+    the mean NLL of the tokens before them (the tracker's ``surprise_z``)."""
+
+    def __init__(self, z: float = 3.0, *, min_tokens: int = 8) -> None:
+        if not z > 0:
+            raise ValueError(f"z must be > 0, got {z}")
+        self.z = z
+        self.min_tokens = min_tokens
+        self.name = f"SpikeAlert(z>{z:g})"
+
+    def reset(self) -> None:
+        pass
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        zs = tracker.surprise_z
+        if tracker.n < self.min_tokens or zs is None or zs <= self.z:
+            return CONTINUE
+        return Decision("note", self.name, f"surprise spike: token {event.text!r} nll {tracker.last_nll:.2f}, z = {zs:.1f}")
+
+
+def warmup_threshold(lowest_group_confidences: Sequence[float], keep_percent: float) -> float:
+    """DeepConf online threshold from warm-up traces, "keep the most confident eta %".
+
+    Definition used by livepp: the threshold is the value that ``keep_percent``
+    percent of the warm-up traces reach or exceed with their *lowest* group
+    confidence, i.e. the (100 − keep_percent)-th percentile of those values
+    (linear interpolation between order statistics). keep_percent = 10 keeps
+    only the 10 % most confident traces (DeepConf-low); 90 keeps almost all
+    (DeepConf-high). A trace is then stopped as soon as its group confidence
+    falls *below* the threshold.
+    """
+    values = sorted(float(v) for v in lowest_group_confidences)
+    if not values:
+        raise LiveppError("need at least one warm-up trace to set a confidence threshold")
+    if not 0 < keep_percent <= 100:
+        raise LiveppError(f"keep_percent must be in (0, 100], got {keep_percent}")
+    q = (100.0 - keep_percent) / 100.0 * (len(values) - 1)
+    lo = math.floor(q)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (q - lo)
+
+
+class ConfidenceStop:
+    """DeepConf online: stop when the group confidence (mean token confidence
+    over the tracker's ``confidence_window``) falls below ``threshold``.
+
+    Not checked before ``min_tokens`` tokens (default: once the first group
+    is full, as DeepConf does). Set ``threshold`` directly, or build with
+    :meth:`from_warmup` from the lowest group confidences of warm-up traces.
+    """
+
+    def __init__(self, threshold: float, *, min_tokens: int | None = None) -> None:
+        if not math.isfinite(threshold):
+            raise ValueError(f"threshold must be finite, got {threshold}")
+        self.threshold = threshold
+        self.min_tokens = min_tokens
+        self.name = f"ConfidenceStop(group_confidence<{threshold:.4g})"
+
+    @classmethod
+    def from_warmup(cls, lowest_group_confidences: Sequence[float], *, keep_percent: float = 10.0, min_tokens: int | None = None) -> "ConfidenceStop":
+        return cls(warmup_threshold(lowest_group_confidences, keep_percent), min_tokens=min_tokens)
+
+    def reset(self) -> None:
+        pass
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        g = tracker.group_confidence
+        needed = self.min_tokens if self.min_tokens is not None else tracker.confidence_window
+        if g is None or tracker.n < needed or g >= self.threshold:
+            return CONTINUE
+        return Decision("stop", self.name, f"group confidence {g:.3f} < {self.threshold:.4g} after {tracker.n} tokens")
+
+
+class CARRouter:
+    """CAR decision on a short answer's running PPL.
+
+    At the end of the short answer the caller asks :meth:`decide`. With
+    ``early=True`` the router also acts live: at token t (once ``min_tokens``
+    tokens are in) it compares the running PPL with the calibration fitted on
+    prefixes of length t (:meth:`Calibration.for_prefix`), since the PPL of a
+    prefix is distributed differently from a finished answer's, and returns
+    ``route`` when P(correct | prefix PPL) < threshold, without finishing the
+    short answer. ``min_tokens`` defaults to the calibration's
+    ``early_min_tokens`` (chosen from held-out data). Without a valid prefix
+    model (an old file, too few answers to cross-validate, or no prefix close
+    enough to the finished answers) early routing does not fire, unless
+    ``min_tokens`` is given: then the finished-answer model is applied to
+    the prefix, which the caller chose knowingly.
+    """
+
+    def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int | None = None) -> None:
+        self.calibration = calibration
+        self.early = early
+        if min_tokens is None:
+            min_tokens = calibration.early_min_tokens if calibration.early_min_tokens is not None else sys.maxsize
+        self.min_tokens = min_tokens
+        self.name = "CARRouter"
+
+    def reset(self) -> None:
+        pass
+
+    def decide(self, ppl: float) -> Decision:
+        p = self.calibration.posterior_correct(ppl)
+        verdict = f"P(correct | PPL {ppl:.3f}) = {p:.3f} vs threshold {self.calibration.threshold:g}"
+        if self.calibration.should_route(ppl):
+            return Decision("route", self.name, verdict + ": route to long reasoning")
+        return Decision("continue", self.name, verdict + ": keep the short answer")
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        if not self.early or tracker.n < self.min_tokens:
+            return CONTINUE
+        cal = self.calibration.for_prefix(tracker.n) if self.calibration.prefix_models else self.calibration
+        if cal is None:
+            return CONTINUE
+        ppl = tracker.ppl
+        p = cal.posterior_correct(ppl)
+        if not cal.should_route(ppl):
+            return CONTINUE
+        return Decision("route", self.name, f"P(correct | PPL {ppl:.3f} after {tracker.n} tokens) = {p:.3f} "
+                                            f"vs threshold {cal.threshold:g} (prefix calibration): route early to long reasoning")
+
+
+_SPECS: dict[str, Any] = {
+    "early-stop": (EarlyStop, {"threshold": float, "metric": str, "min_tokens": int, "patience": int}),
+    "spike": (SpikeAlert, {"z": float, "min_tokens": int}),
+    "confidence-stop": (ConfidenceStop, {"threshold": float, "min_tokens": int}),
+}
+
+
+def parse_policy(spec: str) -> Policy:
+    """Build a policy from ``NAME[:key=value,...]``.
+
+    Names: ``early-stop`` (threshold, metric, min_tokens, patience),
+    ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens).
+    Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``.
+    """
+    name, _, rest = spec.strip().partition(":")
+    if name not in _SPECS:
+        raise LiveppError(f"unknown policy {name!r} in {spec!r}; known: {', '.join(_SPECS)}")
+    cls, types = _SPECS[name]
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in types:
+            raise LiveppError(f"policy {name}: bad option {item!r}; options: {', '.join(types)}")
+        try:
+            kwargs[key] = types[key](value.strip())
+        except ValueError:
+            raise LiveppError(f"policy {name}: {key} must be a {types[key].__name__}, got {value!r}") from None
+    if name != "spike" and "threshold" not in kwargs:
+        raise LiveppError(f"policy {name} needs threshold=..., e.g. {name}:threshold=8")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise LiveppError(f"policy {spec!r}: {exc}") from exc

@@ -1,0 +1,96 @@
+"""The engine protocol: what turns a prompt into token streams.
+
+An :class:`Engine` opens a :class:`~livepp.core.stream.TokenStream` from a
+prompt (text, or chat messages) and generation parameters, and a
+:class:`~livepp.core.stream.BatchTokenStream` from many. Routing, DeepConf,
+the service, the command line and the Python API all talk to this protocol,
+so they run the same on the local torch engine, a remote OpenAI-compatible
+endpoint, or a scripted engine in a test.
+
+``serial`` says whether one thread at a time must drive the engine (a local
+model: the service puts every step of it through one runner) or whether
+streams are independent (a remote endpoint schedules its own requests).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Protocol, Sequence, Union
+
+from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.stream import BatchTokenStream, TokenStream
+
+__all__ = ["Prompt", "Engine", "ModelLike", "as_engine", "check_prompt", "chat_messages"]
+
+# A prompt is text (a user message for chat models, unless params.raw) or a
+# list of chat messages ({"role": ..., "content": ...}).
+Prompt = Union[str, Sequence[Mapping[str, str]]]
+
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class Engine(Protocol):
+    name: str
+    serial: bool
+
+    def open(self, prompt: Prompt, params: GenerationParams) -> TokenStream: ...
+
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> BatchTokenStream: ...
+
+
+def check_prompt(prompt: Prompt) -> Prompt:
+    """The prompt if it is usable, else a :class:`LiveppError` saying why."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise LiveppError("the prompt is empty")
+        return prompt
+    chat_messages(prompt)
+    return prompt
+
+
+def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """The prompt as chat messages: text becomes one user message."""
+    if isinstance(prompt, str):
+        check_prompt(prompt)
+        return [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise LiveppError("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise LiveppError(f"message {i} must be an object with string \"role\" and \"content\", got {m!r}")
+        if m["role"] not in _ROLES:
+            raise LiveppError(f"message {i} has role {m['role']!r}; roles are {', '.join(_ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in out):
+        raise LiveppError("the messages are all empty")
+    return out
+
+
+# What the API accepts as a model: an engine, or what the torch engine loads.
+ModelLike = Union[Engine, Any, str, "os.PathLike[str]", None]
+
+
+def as_engine(model: ModelLike, *, device: str = "cpu", dtype: str = "float32") -> Engine:
+    """An engine from ``model``: an engine as it is; a ``Decoder``, a loaded
+    model, a path or cached Hub id, or None (the embedded default model) as
+    the local torch engine, loading a path on ``device`` in ``dtype``."""
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return _torch_engine(model, device=device, dtype=dtype)
+    # A decoder or loaded model can only exist once its module is imported,
+    # so looking there never imports torch for a remote or scripted engine.
+    local = [getattr(sys.modules.get(m), n, None) for m, n in _LOCAL_TYPES]
+    if any(t is not None and isinstance(model, t) for t in local):
+        return _torch_engine(model, device=device, dtype=dtype)
+    return model  # an engine
+
+
+_LOCAL_TYPES = (("livepp.engines.torch.engine", "TorchEngine"), ("livepp.engines.torch.decoder", "Decoder"),
+                ("livepp.engines.torch.models", "LoadedModel"))
+
+
+def _torch_engine(model: Any, *, device: str, dtype: str) -> Engine:
+    from livepp.engines.torch.engine import torch_engine
+
+    return torch_engine(model, device=device, dtype=dtype)

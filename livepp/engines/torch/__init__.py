@@ -1,0 +1,1 @@
+"""The local torch engine: Hugging Face models, the streaming and batched decoders, sampling."""

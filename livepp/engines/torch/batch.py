@@ -1,0 +1,182 @@
+"""Batched decoding: many sequences, one forward pass per step.
+
+Rows (a prompt and its parameters) are prefilled together: prompts are
+left-padded to one length with an attention mask and per-row positions, and
+rows that share a prompt (N samples of one question) share one prefill: the
+distinct prompts run once and their KV cache rows are repeated. Each step
+then feeds every active row's newest token in one forward pass, picks each
+row's next token with that row's own sampling parameters and seeded
+generator, and brings every row's statistics back with a single host sync.
+A row that ends (EOS, stop string, length) or is stopped by its consumer
+(``BatchStream.stop``: a policy, a cancel) leaves the batch before the next
+step: its KV cache rows are dropped, so it costs nothing after.
+
+Each row's tokens and logprobs equal its own single-sequence decoding (the
+parity tests check this against a teacher-forced pass), so batching never
+changes a number; only padding changes which kernels run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from livepp.engines.torch.decoder import Decoder, TextTracker, token_record
+from livepp.core.events import TokenRecord
+from livepp.core.params import GenerationParams
+from livepp.engines.torch.sampling import next_token_stats, unpack_stats
+
+__all__ = ["BatchRequest", "BatchStream", "BatchDecoder"]
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One row to decode: prompt ids and how to generate."""
+
+    prompt_ids: tuple[int, ...]
+    params: GenerationParams
+
+
+@dataclass
+class _Row:
+    index: int
+    request: BatchRequest
+    text: TextTracker
+    generator: torch.Generator | None
+    position: int  # position of the next token to feed
+    last_token: int = -1
+    done: bool = False
+    stats: Any = field(default=None, repr=False)
+
+
+class BatchStream:
+    """Iterate ``(row index, TokenRecord)`` step by step over every active row.
+
+    Within a step rows come in index order. ``stop(i)`` (from the consumer,
+    between records) makes row i leave before the next forward pass;
+    ``close()`` ends the whole stream. ``finish_reasons[i]`` says how each row
+    ended ("policy" or "cancelled" for rows stopped from outside).
+    """
+
+    def __init__(self, engine: "BatchDecoder", requests: Sequence[BatchRequest]) -> None:
+        self.engine = engine
+        self.requests = list(requests)
+        self.prompt_token_ids = [tuple(r.prompt_ids) for r in self.requests]
+        self.finish_reasons: list[str | None] = [None] * len(self.requests)
+        self.forward_passes = 0
+        self._stopped: dict[int, str] = {}
+        self._gen = self._run()
+
+    def stop(self, index: int, reason: str = "policy") -> None:
+        if self.finish_reasons[index] is None:
+            self._stopped[index] = reason
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> tuple[int, TokenRecord]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    # ---- the loop ----------------------------------------------------------
+    def _run(self) -> Iterator[tuple[int, TokenRecord]]:
+        engine = self.engine
+        dec = engine.decoder
+        rows = []
+        for i, req in enumerate(self.requests):
+            p = req.params
+            dec.check(list(req.prompt_ids), p)
+            gen = torch.Generator(device=dec.device).manual_seed(p.seed) if (not p.greedy and p.seed is not None) else None
+            max_new = min(p.max_new_tokens, dec.context_length - len(req.prompt_ids))
+            rows.append(_Row(i, req, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(req.prompt_ids)))
+        if not rows:
+            return
+        with torch.inference_mode():
+            logits, cache, mask = engine._prefill([r.request.prompt_ids for r in rows])
+        self.forward_passes += 1
+        active = rows
+        while active:
+            # Statistics of every active row, brought back in one host sync.
+            with torch.inference_mode():
+                packed = [next_token_stats(logits[k], r.request.params, r.generator) for k, r in enumerate(active)]
+                flat = torch.cat(packed).tolist()
+            offset = 0
+            for r, t in zip(active, packed):
+                r.stats = unpack_stats(flat[offset : offset + t.numel()])
+                offset += t.numel()
+            for r in active:
+                text, finish = r.text.add(r.stats.token_id)
+                if finish is not None:
+                    r.done = True
+                    self.finish_reasons[r.index] = finish
+                r.last_token = r.stats.token_id
+                yield r.index, token_record(r.stats, text, finish, dec._alternatives(r.stats.top))
+            for i, reason in self._stopped.items():
+                if self.finish_reasons[i] is None:
+                    self.finish_reasons[i] = reason
+                rows[i].done = True
+            self._stopped.clear()
+            keep = [k for k, r in enumerate(active) if not r.done]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                # Finished rows leave the batch: their cache rows are dropped.
+                index = torch.tensor(keep, device=mask.device)
+                cache.batch_select_indices(index)
+                mask = mask[index]
+                active = [active[k] for k in keep]
+            with torch.inference_mode():
+                logits, mask = engine._step(active, cache, mask)
+            self.forward_passes += 1
+            for r in active:
+                r.position += 1
+
+
+class BatchDecoder:
+    """Decodes many rows at once with a :class:`Decoder`'s model and tokenizer."""
+
+    def __init__(self, decoder: Decoder, *, pad_id: int = 0) -> None:
+        self.decoder = decoder
+        self.model = decoder.model
+        self.pad_id = pad_id
+
+    def stream(self, requests: Sequence[BatchRequest]) -> BatchStream:
+        return BatchStream(self, requests)
+
+    def _prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Next-token logits [B, V], the KV cache and the attention mask [B, T]."""
+        from transformers import DynamicCache
+
+        # Rows that share a prompt share its prefill.
+        distinct: dict[tuple[int, ...], int] = {}
+        which = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        unique = list(distinct)
+        width = max(map(len, unique))
+        device = self.model.device
+        # Left padding: every row's newest token sits in the last column.
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in unique], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in unique], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        if len(unique) != len(prompts) or which != list(range(len(prompts))):
+            index = torch.tensor(which, device=device)
+            cache.batch_select_indices(index)
+            logits, mask = logits[index], mask[index]
+        return logits, cache, mask
+
+    def _step(self, rows: Sequence[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # input_ids: [B, 1] the newest token of each row; positions: [B, 1] its own position.
+        device = mask.device
+        ids = torch.tensor([[r.last_token] for r in rows], device=device)
+        positions = torch.tensor([[r.position] for r in rows], device=device)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], mask

@@ -1,0 +1,118 @@
+"""One fused step from next-token logits to everything livepp reports.
+
+``next_token_stats`` picks the token and computes, on the device, its raw
+logprob, the full-vocabulary entropy, DeepConf token confidence and the top-k
+alternatives, and packs them in one float64 tensor, so the caller brings
+everything back to the host with a single ``.tolist()``: one sync per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from livepp.core.params import GenerationParams
+
+__all__ = ["StepStats", "next_token_stats", "unpack_stats", "processed_scores"]
+
+# Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
+#                 top_values (k), top_ids (k)]; NaN marks "not computed".
+_HEAD = 5
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    token_id: int
+    logprob: float
+    entropy: float | None
+    confidence: float | None
+    sampling_logprob: float | None
+    top: tuple[tuple[int, float], ...]
+
+
+def processed_scores(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Logits after temperature, top-k, top-p and min-p, in that order.
+
+    Filtered-out tokens get -inf. Always keeps at least the most likely token.
+    """
+    # logits: [V] float32
+    scores = logits / params.temperature
+    if params.top_k and params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Mass strictly before each token: keep tokens until top_p is covered,
+        # which always keeps the first one.
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = mass_before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, -math.inf)
+    if params.min_p > 0.0:
+        probs = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.max(), -math.inf)
+    return scores
+
+
+def next_token_stats(
+    logits: torch.Tensor,
+    params: GenerationParams,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose the next token and pack its statistics; see the module docstring."""
+    # logits: [V]; statistics are taken in fp32 whatever the model's dtype.
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1)
+    nan = raw_logprobs.new_full((1,), math.nan)
+
+    if params.greedy:
+        token = torch.argmax(raw_logprobs).view(1)
+        sampling_logprob = nan
+    else:
+        scores = processed_scores(logits, params)
+        probs = torch.softmax(scores, dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator)
+        sampling_logprob = torch.log_softmax(scores, dim=-1)[token]
+
+    if params.entropy:
+        p = raw_logprobs.exp()
+        # p·log p is 0 where p underflowed to 0 (log p may be -inf there).
+        entropy = -torch.where(p > 0, p * raw_logprobs, 0.0).sum().view(1)
+    else:
+        entropy = nan
+
+    n_top = max(params.top_logprobs, params.confidence_k)
+    if n_top:
+        top_values, top_ids = torch.topk(raw_logprobs, min(n_top, raw_logprobs.numel()))
+    if params.confidence_k:
+        confidence = -top_values[: params.confidence_k].mean().view(1)
+    else:
+        confidence = nan
+    k = params.top_logprobs
+    parts = [token.to(raw_logprobs.dtype), raw_logprobs[token], entropy, confidence, sampling_logprob]
+    if k:
+        parts += [top_values[:k], top_ids[:k].to(raw_logprobs.dtype)]
+    # float64 keeps token ids exact for any vocabulary (fp32 would stop at 2^24).
+    return torch.cat(parts).double()
+
+
+def _optional(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def unpack_stats(values: list[float]) -> StepStats:
+    """Turn the host copy of a packed tensor back into named fields."""
+    k = (len(values) - _HEAD) // 2
+    top_values = values[_HEAD : _HEAD + k]
+    top_ids = values[_HEAD + k :]
+    return StepStats(
+        token_id=int(values[0]),
+        logprob=values[1],
+        entropy=_optional(values[2]),
+        confidence=_optional(values[3]),
+        sampling_logprob=_optional(values[4]),
+        top=tuple((int(i), v) for i, v in zip(top_ids, top_values)),
+    )

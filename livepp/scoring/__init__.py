@@ -1,0 +1,1 @@
+"""Teacher-forced scoring: token logprobs of given text, target PPL, sliding windows."""

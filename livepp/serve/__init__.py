@@ -1,0 +1,1 @@
+"""`livepp serve`: the websocket service, its jobs and outboxes, and the live page."""

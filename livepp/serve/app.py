@@ -1,0 +1,409 @@
+"""`livepp serve`: a websocket endpoint, a live page, and a health check.
+
+One model per process. Generations run in worker threads, but every step
+that touches the model (prompt encoding, each token's forward pass) goes
+through one FIFO :class:`ModelRunner`, so concurrent requests interleave token
+by token and the model is never used by two threads at once. Each event is
+handed to the client's :class:`Outbox` through the event loop; the outbox
+coalesces token events for slow readers and never drops ``end``.
+
+Protocol (JSON text messages on ``/ws``):
+  → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...]}
+  → {"type":"cancel","id":str}
+  ← start / token / policy / end events as ``livepp generate --json``, each with "id"
+  ← {"type":"error","id":str|null,"code":str,"message":str}; the connection stays open
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import secrets
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.exceptions import ConnectionClosed
+
+from livepp.engines.protocol import Engine, as_engine
+from livepp.core.events import Event, dumps, to_json_dict
+from livepp.core.monitor import Monitor
+from livepp.serve.jobs import Job, JobEngine, ModelRunner, OutboxSink, error_code, one_line
+from livepp.serve.outbox import Outbox
+from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
+from livepp.core.policies import parse_policy
+
+__all__ = ["ServerConfig", "ModelRunner", "LiveppServer", "serve_forever"]
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+# Every code an error message from this server can carry (the README lists them).
+ERROR_CODES = (
+    "bad_json", "bad_message", "unknown_type", "bad_params", "message_too_large", "prompt_too_long",
+    "too_many_requests", "busy", "duplicate_id", "unknown_id", "shutting_down", "unsupported", "upstream_error", "internal",
+)
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+    max_new_tokens_cap: int = 1024
+    max_requests_per_connection: int = 4
+    max_message_bytes: int = 64 * 1024
+    outbox_limit: int = 256
+    allowed_origins: tuple[str, ...] = ()
+    # Host header values accepted besides loopback and the bound address
+    # (DNS rebinding defence); "*" accepts any.
+    allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = 64
+    max_running_jobs: int = 32
+    max_stop_strings: int = 8
+    max_stop_length: int = 200
+    max_top_logprobs: int = 20
+    max_policies: int = 8
+    calibration: str | None = None  # for "route"; default: the shipped one
+
+
+def _host_name(host_header: str) -> str:
+    """The host part of a Host header: "[::1]:8765" -> "::1", "a.b:80" -> "a.b"."""
+    h = host_header.strip().lower()
+    if h.startswith("["):
+        return h[1 : h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+
+
+class _ClientError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _page() -> str:
+    return resources.files("livepp.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+class LiveppServer:
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = as_engine(engine)
+        self.config = config
+        self.runner = ModelRunner()
+        self.jobs: set[Job] = set()
+        self.outboxes: set[Outbox] = set()
+        self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="livepp-job")
+        self._shutting_down = False
+        self._page = _page()
+
+    # ---- HTTP side: page, health, auth and origin checks -----------------
+    def host_allowed(self, host_header: str | None) -> bool:
+        """DNS rebinding defence: the Host header must name this server."""
+        allowed = self.config.allowed_hosts
+        if "*" in allowed:
+            return True
+        if not host_header:
+            return False
+        name = _host_name(host_header)
+        known = {*LOOPBACK_HOSTS, self.config.host.lower(), *(h.lower() for h in allowed)}
+        return name in known and name not in ("0.0.0.0", "::")
+
+    def process_request(self, connection: Any, request: Any) -> Any:
+        url = urlsplit(request.path)
+        hosts = request.headers.get_all("Host")
+        if len(hosts) != 1 or not self.host_allowed(hosts[0]):
+            return connection.respond(403, "unknown Host header (allow it with --allow-host)\n")
+        if url.path == "/healthz":
+            return connection.respond(200, "ok\n")
+        if url.path in ("/", "/index.html"):
+            response = connection.respond(200, self._page)
+            # respond() always says text/plain, and assigning a header appends.
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = "text/html; charset=utf-8"
+            return response
+        if url.path != "/ws":
+            return connection.respond(404, "not found\n")
+        origin = request.headers.get("Origin")
+        # The Host header was checked above, so a page's own origin is safe.
+        own = f"http://{hosts[0]}"
+        if origin is not None and origin != own and origin not in self.config.allowed_origins:
+            return connection.respond(403, f"origin {origin} not allowed\n")
+        if self.config.token is not None:
+            given = parse_qs(url.query).get("token", [None])[0]
+            auth = request.headers.get("Authorization", "")
+            if auth.startswith("Bearer "):
+                given = auth[len("Bearer "):]
+            # Bytes: compare_digest refuses non-ASCII str.
+            if given is None or not secrets.compare_digest(given.encode("utf-8"), self.config.token.encode("utf-8")):
+                return connection.respond(401, "missing or wrong token\n")
+        if len(self.outboxes) >= self.config.max_connections:
+            return connection.respond(503, f"too many connections (at most {self.config.max_connections})\n")
+        return None
+
+    # ---- websocket side --------------------------------------------------
+    async def handler(self, ws: Any) -> None:
+        loop = asyncio.get_running_loop()
+        outbox = Outbox(self.config.outbox_limit)
+        self.outboxes.add(outbox)
+        jobs: dict[str, Job] = {}
+
+        async def send_loop() -> None:
+            while True:
+                event = await outbox.get()
+                await ws.send(dumps(event))
+
+        sender = asyncio.create_task(send_loop())
+        try:
+            async for message in ws:
+                try:
+                    self._dispatch(message, jobs, outbox, loop)
+                except _ClientError as exc:
+                    request_id = exc.__dict__.get("request_id")
+                    # A refused message's error may be dropped if the client
+                    # does not read (a flood of bad messages cannot grow memory).
+                    outbox.put({"type": "error", "id": request_id, "code": exc.code, "message": str(exc)}, droppable=True)
+                except Exception as exc:  # a bug of ours: say so, keep the connection
+                    traceback.print_exc(file=sys.stderr)
+                    outbox.put({"type": "error", "id": None, "code": "internal", "message": f"{type(exc).__name__}: {exc}"}, droppable=True)
+        except ConnectionClosed:
+            pass  # a dropped connection ends the loop; the jobs are stopped below
+        finally:
+            for job in jobs.values():
+                job.stop("cancelled")
+            pending = [j.done for j in jobs.values() if j.done is not None]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            # Let queued events (every end) go out while the socket is open.
+            while len(outbox) and ws.state.name == "OPEN":
+                await asyncio.sleep(0.01)
+            sender.cancel()
+            self.outboxes.discard(outbox)
+
+    def _dispatch(self, message: Any, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        if isinstance(message, bytes):
+            raise _ClientError("bad_message", "send JSON text messages, not binary")
+        if len(message.encode("utf-8")) > self.config.max_message_bytes:
+            raise _ClientError("message_too_large", f"messages are limited to {self.config.max_message_bytes} bytes")
+        try:
+            data = json.loads(message)
+        except json.JSONDecodeError as exc:
+            raise _ClientError("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+        except RecursionError:
+            raise _ClientError("bad_json", "JSON nested too deeply") from None
+        if not isinstance(data, dict):
+            raise _ClientError("bad_message", "a message must be a JSON object")
+        kind = data.get("type")
+        request_id = data.get("id")
+        try:
+            if kind == "generate":
+                self._start_generate(data, jobs, outbox, loop)
+            elif kind == "route":
+                self._start_route(data, jobs, outbox, loop)
+            elif kind == "cancel":
+                job = jobs.get(request_id) if isinstance(request_id, str) else None
+                if job is None:
+                    raise _ClientError("unknown_id", f"no running request with id {request_id!r}")
+                job.stop("cancelled")
+            else:
+                raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route or cancel")
+        except _ClientError as exc:
+            exc.__dict__["request_id"] = request_id if isinstance(request_id, str) else None
+            raise
+
+    def _start_generate(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise _ClientError("bad_params", "prompt must be a non-empty string")
+        try:
+            raw_params = data.get("params") or {}
+            if isinstance(raw_params, dict) and "max_new_tokens" not in raw_params:
+                # An unstated length defaults within this server's cap.
+                raw_params = raw_params | {"max_new_tokens": min(DEFAULT_MAX_NEW_TOKENS, self.config.max_new_tokens_cap)}
+            params = GenerationParams.from_dict(raw_params)
+            specs = data.get("policies") or []
+            if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+                raise LiveppError("policies must be a list of policy specs such as 'early-stop:threshold=8'")
+            [parse_policy(s) for s in specs]
+        except (LiveppError, TypeError) as exc:
+            raise _ClientError("bad_params", str(exc)) from None
+        self._check_limits(params, specs)
+        job = self._new_job(data, jobs)
+        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, OutboxSink(loop, outbox, job.id, job))
+
+    def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
+        c = self.config
+        if params.max_new_tokens > c.max_new_tokens_cap:
+            raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}")
+        if len(params.stop) > c.max_stop_strings or any(len(s) > c.max_stop_length for s in params.stop):
+            raise _ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
+        if params.top_logprobs > c.max_top_logprobs:
+            raise _ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
+        if len(specs) > c.max_policies:
+            raise _ClientError("bad_params", f"at most {c.max_policies} policies per request")
+
+    def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
+        request_id = data.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise _ClientError("bad_message", f"{data.get('type')} needs a non-empty string id")
+        if request_id in jobs:
+            raise _ClientError("duplicate_id", f"request {request_id!r} is still running")
+        if len(jobs) >= self.config.max_requests_per_connection:
+            raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
+        if self._shutting_down:
+            raise _ClientError("shutting_down", "the server is shutting down")
+        if len(self.jobs) >= self.config.max_running_jobs:
+            raise _ClientError("busy", f"the server runs at most {self.config.max_running_jobs} requests at once; try again later")
+        return Job(request_id)
+
+    def _launch(self, job: Job, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
+        jobs[job.id] = job
+        self.jobs.add(job)
+
+        def release() -> None:
+            # On the loop thread: leave the tables first, then say the last word.
+            jobs.pop(job.id, None)
+            self.jobs.discard(job)
+            for event in job.final:
+                outbox.put(event)
+
+        def work() -> None:
+            try:
+                fn(job, *args)
+            finally:
+                loop.call_soon_threadsafe(release)
+
+        job.done = loop.run_in_executor(self._workers, work)
+
+    def _start_route(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        """{"type":"route","id","question","params":{"early":bool,"long_max_tokens":int,"short_max_tokens":int}}"""
+        question = data.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise _ClientError("bad_params", "question must be a non-empty string")
+        opts = data.get("params") or {}
+        known = {"early": bool, "long_max_tokens": int, "short_max_tokens": int}
+        if not isinstance(opts, dict) or any(k not in known or not isinstance(v, known[k]) or isinstance(v, bool) != (known[k] is bool) for k, v in opts.items()):
+            raise _ClientError("bad_params", f"route params: early (bool), long_max_tokens and short_max_tokens (int); got {opts!r}")
+        limits = [opts.get("long_max_tokens", 1), opts.get("short_max_tokens", 1)]
+        if min(limits) < 1 or max(limits) > self.config.max_new_tokens_cap:
+            raise _ClientError("bad_params", f"token limits must be between 1 and {self.config.max_new_tokens_cap}")
+        job = self._new_job(data, jobs)
+        self._launch(job, jobs, outbox, loop, self._run_route, question, opts, OutboxSink(loop, outbox, job.id))
+
+    def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: OutboxSink) -> None:
+        from livepp.car.calibration import DEFAULT_CALIBRATION, Calibration
+        from livepp.car.routing import StepByStep, route
+
+        def put(data: dict[str, Any]) -> None:
+            sink.loop.call_soon_threadsafe(sink.outbox.put, data | {"id": job.id})
+
+        class Staged:
+            def __init__(self, stage: str) -> None:
+                self.stage = stage
+
+            def emit(self, event: Event) -> None:
+                put(to_json_dict(event) | {"stage": self.stage})
+
+        engine = JobEngine(self.engine, self.runner, job)
+        try:
+            cal = Calibration.load(self.config.calibration or DEFAULT_CALIBRATION)
+            outcome = route(
+                question, engine=engine, calibration=cal, early=opts.get("early", False),
+                long_route=StepByStep(engine, max_new_tokens=opts.get("long_max_tokens", min(256, self.config.max_new_tokens_cap))),
+                short_max_new_tokens=opts.get("short_max_tokens", min(24, self.config.max_new_tokens_cap)),
+                sinks_for=lambda stage: [Staged(stage)],
+                on_decision=lambda o: put(o.decision_dict()),
+            )
+            job.final.append(outcome.answer_dict() | {"id": job.id})
+        except Exception as exc:
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
+
+    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: OutboxSink) -> None:
+        """Worker thread: one generation (a serial engine's every step through the runner)."""
+        engine = JobEngine(self.engine, self.runner, job)
+        try:
+            stream = engine.open(prompt, params)  # validates before any compute
+        except LiveppError as exc:
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
+            return
+        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
+        try:
+            monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32})
+        except Exception as exc:  # the end event (reason "error") is queued before this
+            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
+
+    async def shutdown(self) -> None:
+        """Stop every running generation with reason "shutdown" and wait for their ends."""
+        self._shutting_down = True
+        for job in list(self.jobs):
+            job.stop("shutdown")
+        pending = [j.done for j in list(self.jobs) if j.done is not None]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        self.runner.shutdown()
+
+
+class Interrupts:
+    """Ctrl-C handling: the first asks for a clean shutdown (running requests
+    end with reason "shutdown"), a second one forces the process out even if
+    the shutdown hangs."""
+
+    def __init__(self, stop: asyncio.Event, *, force_exit: Any = None) -> None:
+        self.stop = stop
+        self.count = 0
+        self.force_exit = force_exit or (lambda: os._exit(130))
+
+    def __call__(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            print("livepp: shutting down (Ctrl-C again to force)", file=sys.stderr, flush=True)
+            self.stop.set()
+        else:
+            print("livepp: forced exit", file=sys.stderr, flush=True)
+            self.force_exit()
+
+
+async def serve_forever(
+    server: LiveppServer,
+    *,
+    ready: Any = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until ``stop`` is set (or SIGINT/SIGTERM), then shut down cleanly:
+    running generations end with reason "shutdown" and their end events are
+    sent before connections close. ``ready(port)`` is called once listening."""
+    from websockets.asyncio.server import serve
+
+    config = server.config
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    interrupts = Interrupts(stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, interrupts)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests) or not supported here
+    # Frames above max_size close the connection at the protocol level; the
+    # smaller max_message_bytes is checked per message with an error event.
+    async with serve(
+        server.handler,
+        config.host,
+        config.port,
+        process_request=server.process_request,
+        max_size=max(1 << 20, 4 * config.max_message_bytes),
+    ) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        if ready is not None:
+            ready(port)
+        await stop.wait()
+        await server.shutdown()
+        # Let the last end events reach the sockets before connections close.
+        for _ in range(500):
+            if not any(len(o) for o in server.outboxes):
+                break
+            await asyncio.sleep(0.01)

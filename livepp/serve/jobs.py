@@ -1,0 +1,201 @@
+"""Server jobs: the FIFO model runner, a request's job and its token stream.
+
+Every model step of every request goes through one :class:`ModelRunner`
+thread, so the model is never used by two threads at once. A :class:`Job`
+is one request: stopping it (cancel, disconnect, shutdown) ends its stream
+before the next forward pass and wakes a remote read at once; its last
+messages (``final``) are sent only after it has left its connection's table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from livepp.core.events import Event, TokenRecord, to_json_dict
+from livepp.serve.outbox import Outbox
+from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
+from livepp.core.stream import SequentialBatch, TokenStream
+from livepp.engines.protocol import Engine, Prompt
+
+__all__ = ["ModelRunner", "RunnerStream", "Job", "JobStream", "JobEngine", "OutboxSink", "error_code", "one_line"]
+
+
+class ModelRunner:
+    """Runs model steps one at a time, first come first served."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="livepp-model")
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        return self._pool.submit(fn, *args).result()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RunnerStream:
+    """A serial engine's token stream pulled through the runner, one token
+    per turn; closing it closes the inner stream on the runner (no further
+    forward pass)."""
+
+    def __init__(self, runner: ModelRunner, stream: TokenStream) -> None:
+        self.runner, self.inner = runner, stream
+        self.prompt_token_ids = stream.prompt_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.inner.finish_reason
+
+    @property
+    def tokens_after_stop(self) -> int | None:
+        return self.inner.tokens_after_stop
+
+    @property
+    def engine_finish_reason(self) -> str | None:
+        return self.inner.engine_finish_reason
+
+    def __iter__(self) -> "RunnerStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        record = self.runner.call(next, self.inner, _END)
+        if record is _END:
+            raise StopIteration
+        return record
+
+    def close(self) -> None:
+        self.runner.call(self.inner.close)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+_END = object()
+
+
+@dataclass(eq=False)  # identity, so jobs can live in a set
+class Job:
+    id: str
+    stop_reason: str | None = None
+    done: asyncio.Future | None = None
+    # The request's last messages: sent only after the job has left its
+    # connection's table, so a client that reuses the id or sends its next
+    # request on seeing them is never refused as a duplicate or over limit.
+    final: list[dict[str, Any]] = field(default_factory=list)
+    # Remote streams to wake when the job is stopped from the event loop.
+    streams: list[Any] = field(default_factory=list)
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        for stream in list(self.streams):
+            stream.abort()  # a remote read waiting for its next token wakes now
+
+
+class OutboxSink:
+    """Sends monitor events to a client's outbox, tagged with the request id."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox, request_id: str, job: "Job | None" = None) -> None:
+        self.loop, self.outbox, self.request_id, self.job = loop, outbox, request_id, job
+
+    def emit(self, event: Event) -> None:
+        data = to_json_dict(event)
+        data["id"] = self.request_id
+        if event.type == "end" and self.job is not None:
+            self.job.final.append(data)  # sent when the job is released
+            return
+        self.loop.call_soon_threadsafe(self.outbox.put, data)
+
+
+class JobStream:
+    """A request's token stream that ends as soon as its job is stopped
+    (cancel, disconnect, shutdown), reporting that as its finish reason."""
+
+    def __init__(self, stream: TokenStream, job: Job) -> None:
+        self.inner = stream
+        self.job = job
+        self.prompt_token_ids = stream.prompt_token_ids
+        self._stopped: str | None = None
+        job.streams.append(stream)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stopped or self.inner.finish_reason
+
+    @property
+    def tokens_after_stop(self) -> int | None:
+        return self.inner.tokens_after_stop
+
+    @property
+    def engine_finish_reason(self) -> str | None:
+        return self.inner.engine_finish_reason
+
+    def __iter__(self) -> "JobStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        # Checked before each pull, so before the forward pass of the next token.
+        if self.job.stop_reason is not None:
+            self._stopped = self.job.stop_reason
+            self.close()
+            raise StopIteration
+        try:
+            return next(self.inner)
+        except Exception:  # StopIteration included
+            if self.job.stop_reason is None:
+                raise
+            # The stop woke a waiting remote read; that is a stop, not a failure.
+            self._stopped = self.job.stop_reason
+            raise StopIteration from None
+
+    def close(self) -> None:
+        self.inner.close()
+        if self.inner in self.job.streams:
+            self.job.streams.remove(self.inner)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
+class JobEngine:
+    """The server's engine as one job sees it: every stream it opens ends
+    when the job is stopped, and a serial engine's every step (prompt
+    encoding included) goes through the runner. A batch runs its rows one
+    after another."""
+
+    serial = False
+
+    def __init__(self, engine: Engine, runner: ModelRunner, job: Job) -> None:
+        self.engine, self.runner, self.job = engine, runner, job
+        self.name = engine.name
+
+    def open(self, prompt: Prompt, params: GenerationParams) -> JobStream:
+        if self.engine.serial:
+            # engine.open validates (and encodes) before any compute.
+            stream: TokenStream = RunnerStream(self.runner, self.runner.call(self.engine.open, prompt, params))
+        else:
+            stream = self.engine.open(prompt, params)
+        return JobStream(stream, self.job)
+
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> SequentialBatch:
+        return SequentialBatch([functools.partial(self.open, pr, p) for pr, p in zip(prompts, params)])
+
+
+def error_code(exc: BaseException) -> str:
+    """The error code for a failure, chosen by its type, never by its text."""
+    from livepp.engines.remote import RemoteError
+
+    if isinstance(exc, PromptTooLong):
+        return "prompt_too_long"
+    if isinstance(exc, RemoteError):
+        return "upstream_error"
+    if isinstance(exc, LiveppError):
+        return "bad_params"
+    return "internal"
+
+
+def one_line(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, LiveppError) else f"{type(exc).__name__}: {exc}"

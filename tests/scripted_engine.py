@@ -1,0 +1,85 @@
+"""A scripted engine: the engine protocol with no model behind it.
+
+Each prompt maps to a script of (text, logprob) tokens; a sampled request
+(temperature > 0) picks its script by seed from a list. It counts what it
+produced and whether each stream was closed, so tests can prove that a stop
+ends production. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator, Sequence
+
+from livepp.core.events import TokenRecord, TopLogprob
+from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.stream import SequentialBatch
+from livepp.engines.protocol import Prompt, chat_messages, check_prompt
+
+Script = list[tuple[str, float]]
+
+
+class ScriptedStream:
+    def __init__(self, engine: "ScriptedEngine", script: Script, params: GenerationParams, prompt_ids: tuple[int, ...]) -> None:
+        self.engine = engine
+        self.prompt_token_ids = prompt_ids
+        self.finish_reason: str | None = None
+        self.tokens_after_stop = None
+        self.engine_finish_reason = None
+        self.closed = False
+        self._gen = self._records(script[: params.max_new_tokens], ended_by_eos=len(script) <= params.max_new_tokens)
+
+    def _records(self, script: Script, *, ended_by_eos: bool) -> Iterator[TokenRecord]:
+        for i, (text, lp) in enumerate(script):
+            self.engine.produced += 1
+            last = i == len(script) - 1
+            finish = ("eos" if ended_by_eos else "length") if last else None
+            yield TokenRecord(token_id=1000 + i, text=text, logprob=lp, entropy=0.5, confidence=-lp,
+                              top_logprobs=(TopLogprob(1000 + i, text, lp),), finish_reason=finish)
+            if finish is not None:
+                self.finish_reason = finish
+
+    def __iter__(self) -> "ScriptedStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+        self.closed = True
+
+    def abort(self) -> None:
+        pass
+
+
+class ScriptedEngine:
+    """``scripts``: prompt text (the last message's content for chat
+    messages) → a script, or a list of scripts chosen by ``seed % len``."""
+
+    def __init__(self, scripts: dict[str, Script | list[Script]], *, name: str = "scripted", serial: bool = True,
+                 default: Script | None = None) -> None:
+        self.scripts, self.name, self.serial, self.default = scripts, name, serial, default
+        self.produced = 0
+        self.opened: list[tuple[Prompt, GenerationParams]] = []
+        self.streams: list[ScriptedStream] = []
+
+    def script_for(self, prompt: Prompt, params: GenerationParams) -> Script:
+        key = prompt if isinstance(prompt, str) else chat_messages(prompt)[-1]["content"]
+        found = self.scripts.get(key, self.default)
+        if found is None:
+            raise LiveppError(f"no script for prompt {key!r}")
+        if found and isinstance(found[0], list):
+            return found[(params.seed or 0) % len(found)]  # type: ignore[return-value]
+        return found  # type: ignore[return-value]
+
+    def open(self, prompt: Prompt, params: GenerationParams) -> ScriptedStream:
+        check_prompt(prompt)
+        self.opened.append((prompt, params))
+        text = prompt if isinstance(prompt, str) else chat_messages(prompt)[-1]["content"]
+        stream = ScriptedStream(self, self.script_for(prompt, params), params, tuple(ord(c) for c in text[:8]))
+        self.streams.append(stream)
+        return stream
+
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> SequentialBatch:
+        return SequentialBatch([functools.partial(self.open, pr, p) for pr, p in zip(prompts, params)])
