@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import pytest
 
 from livepp.core.events import TokenRecord
+from livepp.core.stream import RecordStream
 
 if os.environ.get("LIVEPP_FORBID_TORCH"):
     # For the torch-free checks (test_engine_protocol.py): importing torch or
@@ -24,32 +25,16 @@ if os.environ.get("LIVEPP_FORBID_TORCH"):
     sys.meta_path.insert(0, _Forbid())
 
 
-class FakeSource:
+class FakeSource(RecordStream):
     """A scripted token stream: yields records for the given logprobs and
     counts how many the consumer pulled, to prove a stop ends production."""
 
     def __init__(self, logprobs: Sequence[float], *, finish_reason: str = "length") -> None:
         self.logprobs = list(logprobs)
-        self.finish_reason = finish_reason
-        self.prompt_token_ids: tuple[int, ...] = ()
-        self.tokens_after_stop = None
-        self.engine_finish_reason = None
+        self.last_finish_reason = finish_reason
         self.produced = 0
         self.closed = False
-        self._gen = self._records()
-
-    def __iter__(self) -> "FakeSource":
-        return self
-
-    def __next__(self) -> TokenRecord:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-        self.closed = True
-
-    def abort(self) -> None:
-        pass
+        super().__init__(self._records())
 
     def _records(self) -> Iterator[TokenRecord]:
         try:
@@ -62,7 +47,7 @@ class FakeSource:
                     logprob=lp,
                     entropy=1.0,
                     confidence=-lp,
-                    finish_reason=self.finish_reason if last else None,
+                    finish_reason=self.last_finish_reason if last else None,
                 )
         finally:
             self.closed = True

@@ -13,21 +13,22 @@ from typing import Iterator, Sequence
 
 from livepp.core.events import TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError
-from livepp.core.stream import SequentialBatch
+from livepp.core.stream import RecordStream, SequentialBatch
 from livepp.engines.protocol import Prompt, chat_messages, check_prompt
 
 Script = list[tuple[str, float]]
 
 
-class ScriptedStream:
+class ScriptedStream(RecordStream):
     def __init__(self, engine: "ScriptedEngine", script: Script, params: GenerationParams, prompt_ids: tuple[int, ...]) -> None:
         self.engine = engine
-        self.prompt_token_ids = prompt_ids
-        self.finish_reason: str | None = None
-        self.tokens_after_stop = None
-        self.engine_finish_reason = None
         self.closed = False
-        self._gen = self._records(script[: params.max_new_tokens], ended_by_eos=len(script) <= params.max_new_tokens)
+        cut = script[: params.max_new_tokens]
+        super().__init__(self._records(cut, ended_by_eos=len(script) <= params.max_new_tokens), prompt_token_ids=prompt_ids,
+                         on_close=self._mark_closed)
+
+    def _mark_closed(self) -> None:
+        self.closed = True
 
     def _records(self, script: Script, *, ended_by_eos: bool) -> Iterator[TokenRecord]:
         for i, (text, lp) in enumerate(script):
@@ -36,21 +37,6 @@ class ScriptedStream:
             finish = ("eos" if ended_by_eos else "length") if last else None
             yield TokenRecord(token_id=1000 + i, text=text, logprob=lp, entropy=0.5, confidence=-lp,
                               top_logprobs=(TopLogprob(1000 + i, text, lp),), finish_reason=finish)
-            if finish is not None:
-                self.finish_reason = finish
-
-    def __iter__(self) -> "ScriptedStream":
-        return self
-
-    def __next__(self) -> TokenRecord:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
-        self.closed = True
-
-    def abort(self) -> None:
-        pass
 
 
 class ScriptedEngine:

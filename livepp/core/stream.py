@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from livepp.core.events import TokenRecord
 
-__all__ = ["TokenStream", "RecordStream", "BatchTokenStream", "SequentialBatch"]
+__all__ = ["TokenStream", "RecordStream", "WrappedStream", "BatchTokenStream", "RowBatch", "SequentialBatch"]
 
 
 class TokenStream(Protocol):
@@ -89,6 +89,39 @@ class RecordStream:
         """Nothing to wake: a local stream is pulled, never blocked on a read."""
 
 
+class WrappedStream:
+    """A stream around another (``inner``) that passes its protocol through;
+    subclasses change how records are pulled."""
+
+    def __init__(self, inner: TokenStream) -> None:
+        self.inner = inner
+        self.prompt_token_ids = inner.prompt_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.inner.finish_reason
+
+    @property
+    def tokens_after_stop(self) -> int | None:
+        return self.inner.tokens_after_stop
+
+    @property
+    def engine_finish_reason(self) -> str | None:
+        return self.inner.engine_finish_reason
+
+    def __iter__(self) -> "WrappedStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        return next(self.inner)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
 class BatchTokenStream(Protocol):
     """Many rows decoded together; see the module docstring."""
 
@@ -102,25 +135,25 @@ class BatchTokenStream(Protocol):
     def close(self) -> None: ...
 
 
-class SequentialBatch:
-    """A :class:`BatchTokenStream` that runs its rows' streams one after
-    another, for engines that decode one stream at a time. A row is opened
-    only when its turn comes, so a remote engine holds one request at a time."""
+class RowBatch:
+    """What every batch stream shares: per-row prompts and finish reasons,
+    ``stop(row)`` recorded for the loop to act on before its next step, and
+    iteration over the ``_run`` generator a subclass provides."""
 
-    def __init__(self, openers: Sequence[Callable[[], TokenStream]], *, prompt_token_ids: Sequence[Sequence[int]] | None = None) -> None:
-        self._openers = list(openers)
-        n = len(self._openers)
-        self.prompt_token_ids = [tuple(p) for p in prompt_token_ids] if prompt_token_ids is not None else [()] * n
-        self.finish_reasons: list[str | None] = [None] * n
+    def __init__(self, prompt_token_ids: Sequence[Sequence[int]]) -> None:
+        self.prompt_token_ids = [tuple(p) for p in prompt_token_ids]
+        self.finish_reasons: list[str | None] = [None] * len(self.prompt_token_ids)
         self._stopped: dict[int, str] = {}
-        self._current: TokenStream | None = None
         self._gen = self._run()
+
+    def _run(self) -> Iterator[tuple[int, TokenRecord]]:
+        raise NotImplementedError
 
     def stop(self, index: int, reason: str = "policy") -> None:
         if self.finish_reasons[index] is None:
             self._stopped[index] = reason
 
-    def __iter__(self) -> "SequentialBatch":
+    def __iter__(self) -> "RowBatch":
         return self
 
     def __next__(self) -> tuple[int, TokenRecord]:
@@ -128,6 +161,16 @@ class SequentialBatch:
 
     def close(self) -> None:
         self._gen.close()
+
+
+class SequentialBatch(RowBatch):
+    """A :class:`BatchTokenStream` that runs its rows' streams one after
+    another, for engines that decode one stream at a time. A row is opened
+    only when its turn comes, so a remote engine holds one request at a time."""
+
+    def __init__(self, openers: Sequence[Callable[[], TokenStream]], *, prompt_token_ids: Sequence[Sequence[int]] | None = None) -> None:
+        self._openers = list(openers)
+        super().__init__(prompt_token_ids if prompt_token_ids is not None else [()] * len(self._openers))
 
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
         for i, opener in enumerate(self._openers):

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from livepp.core.events import Event, TokenRecord, to_json_dict
 from livepp.serve.outbox import Outbox
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
-from livepp.core.stream import SequentialBatch, TokenStream
+from livepp.core.stream import SequentialBatch, TokenStream, WrappedStream
 from livepp.engines.protocol import Engine, Prompt
 
 __all__ = ["ModelRunner", "RunnerStream", "Job", "JobStream", "JobEngine", "OutboxSink", "error_code", "one_line"]
@@ -37,29 +37,14 @@ class ModelRunner:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class RunnerStream:
+class RunnerStream(WrappedStream):
     """A serial engine's token stream pulled through the runner, one token
     per turn; closing it closes the inner stream on the runner (no further
     forward pass)."""
 
     def __init__(self, runner: ModelRunner, stream: TokenStream) -> None:
-        self.runner, self.inner = runner, stream
-        self.prompt_token_ids = stream.prompt_token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.inner.finish_reason
-
-    @property
-    def tokens_after_stop(self) -> int | None:
-        return self.inner.tokens_after_stop
-
-    @property
-    def engine_finish_reason(self) -> str | None:
-        return self.inner.engine_finish_reason
-
-    def __iter__(self) -> "RunnerStream":
-        return self
+        super().__init__(stream)
+        self.runner = runner
 
     def __next__(self) -> TokenRecord:
         record = self.runner.call(next, self.inner, _END)
@@ -69,9 +54,6 @@ class RunnerStream:
 
     def close(self) -> None:
         self.runner.call(self.inner.close)
-
-    def abort(self) -> None:
-        self.inner.abort()
 
 
 _END = object()
@@ -110,31 +92,19 @@ class OutboxSink:
         self.loop.call_soon_threadsafe(self.outbox.put, data)
 
 
-class JobStream:
+class JobStream(WrappedStream):
     """A request's token stream that ends as soon as its job is stopped
     (cancel, disconnect, shutdown), reporting that as its finish reason."""
 
     def __init__(self, stream: TokenStream, job: Job) -> None:
-        self.inner = stream
+        super().__init__(stream)
         self.job = job
-        self.prompt_token_ids = stream.prompt_token_ids
         self._stopped: str | None = None
         job.streams.append(stream)
 
     @property
     def finish_reason(self) -> str | None:
         return self._stopped or self.inner.finish_reason
-
-    @property
-    def tokens_after_stop(self) -> int | None:
-        return self.inner.tokens_after_stop
-
-    @property
-    def engine_finish_reason(self) -> str | None:
-        return self.inner.engine_finish_reason
-
-    def __iter__(self) -> "JobStream":
-        return self
 
     def __next__(self) -> TokenRecord:
         # Checked before each pull, so before the forward pass of the next token.
@@ -155,9 +125,6 @@ class JobStream:
         self.inner.close()
         if self.inner in self.job.streams:
             self.job.streams.remove(self.inner)
-
-    def abort(self) -> None:
-        self.inner.abort()
 
 
 class JobEngine:

@@ -26,6 +26,7 @@ import torch
 from livepp.engines.torch.decoder import Decoder, TextTracker, token_record
 from livepp.core.events import TokenRecord
 from livepp.core.params import GenerationParams
+from livepp.core.stream import RowBatch
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
 __all__ = ["BatchRequest", "BatchStream", "BatchDecoder"]
@@ -51,7 +52,7 @@ class _Row:
     stats: Any = field(default=None, repr=False)
 
 
-class BatchStream:
+class BatchStream(RowBatch):
     """Iterate ``(row index, TokenRecord)`` step by step over every active row.
 
     Within a step rows come in index order. ``stop(i)`` (from the consumer,
@@ -63,24 +64,8 @@ class BatchStream:
     def __init__(self, engine: "BatchDecoder", requests: Sequence[BatchRequest]) -> None:
         self.engine = engine
         self.requests = list(requests)
-        self.prompt_token_ids = [tuple(r.prompt_ids) for r in self.requests]
-        self.finish_reasons: list[str | None] = [None] * len(self.requests)
         self.forward_passes = 0
-        self._stopped: dict[int, str] = {}
-        self._gen = self._run()
-
-    def stop(self, index: int, reason: str = "policy") -> None:
-        if self.finish_reasons[index] is None:
-            self._stopped[index] = reason
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> tuple[int, TokenRecord]:
-        return next(self._gen)
-
-    def close(self) -> None:
-        self._gen.close()
+        super().__init__([r.prompt_ids for r in self.requests])
 
     # ---- the loop ----------------------------------------------------------
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
