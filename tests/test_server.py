@@ -194,7 +194,10 @@ def test_too_many_requests_per_connection(server):
 def test_http_routes(server):
     base = f"http://127.0.0.1:{server.port}"
     with urllib.request.urlopen(base + "/healthz") as r:
-        assert r.status == 200 and r.read() == b"ok\n"
+        assert r.status == 200 and r.headers["Content-Type"] == "application/json"
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and health["max_batch"] == 8
+    assert health["running"] == health["queued"] == health["batch_size"] == 0
     with urllib.request.urlopen(base + "/") as r:
         assert r.headers["Content-Type"] == "text/html; charset=utf-8"
         page = r.read().decode()

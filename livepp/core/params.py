@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LiveppError", "PromptTooLong", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["LiveppError", "PromptTooLong", "EngineBusy", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS"]
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -21,6 +21,10 @@ class LiveppError(ValueError):
 
 class PromptTooLong(LiveppError):
     """The prompt leaves no room in the model's context (or a fixed KV cache)."""
+
+
+class EngineBusy(LiveppError):
+    """The engine's batch and its queue are full; try again later."""
 
 
 def _require(ok: bool, message: str) -> None:

@@ -134,6 +134,8 @@ class BatchTokenStream(Protocol):
 
     def close(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class RowBatch:
     """What every batch stream shares: per-row prompts and finish reasons,
@@ -162,6 +164,9 @@ class RowBatch:
     def close(self) -> None:
         self._gen.close()
 
+    def abort(self) -> None:
+        """Wake a blocked read from another thread (nothing to wake here)."""
+
 
 class SequentialBatch(RowBatch):
     """A :class:`BatchTokenStream` that runs its rows' streams one after
@@ -171,6 +176,11 @@ class SequentialBatch(RowBatch):
     def __init__(self, openers: Sequence[Callable[[], TokenStream]], *, prompt_token_ids: Sequence[Sequence[int]] | None = None) -> None:
         self._openers = list(openers)
         super().__init__(prompt_token_ids if prompt_token_ids is not None else [()] * len(self._openers))
+
+    def abort(self) -> None:
+        current = self._current
+        if current is not None:
+            current.abort()
 
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
         for i, opener in enumerate(self._openers):

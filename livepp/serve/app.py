@@ -1,17 +1,24 @@
-"""`livepp serve`: a websocket endpoint, a live page, and a health check.
+"""`livepp serve`: a websocket endpoint, a live page, health, status and metrics.
 
-One model per process. Generations run in worker threads, but every step
-that touches the model (prompt encoding, each token's forward pass) goes
-through one FIFO :class:`ModelRunner`, so concurrent requests interleave token
-by token and the model is never used by two threads at once. Each event is
-handed to the client's :class:`Outbox` through the event loop; the outbox
-coalesces token events for slow readers and never drops ``end``.
+One model per process. A local torch model runs behind a continuous-batching
+:class:`~livepp.engines.torch.scheduler.Scheduler` (``max_batch`` rows in one
+forward pass per step, a bounded queue beyond); with ``max_batch`` 1, or a
+serial engine of another kind, every model step goes through one FIFO
+:class:`ModelRunner` instead. Each request runs its own monitor (tracker,
+policies) in a worker thread; each event is handed to the client's
+:class:`Outbox` through the event loop; the outbox coalesces token events for
+slow readers and never drops ``end``.
 
 Protocol (JSON text messages on ``/ws``):
   → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...]}
+  → {"type":"route","id":str,"question":str,"params":{...}}   (CAR routing)
+  → {"type":"think","id":str,"question":str,"params":{...}}   (DeepConf traces)
   → {"type":"cancel","id":str}
+  ← {"type":"queued","id","position"} when a request waits for room in the batch
   ← start / token / policy / end events as ``livepp generate --json``, each with "id"
   ← {"type":"error","id":str|null,"code":str,"message":str}; the connection stays open
+HTTP: ``/healthz`` (JSON: running, queued, batch size), ``/metrics``
+(Prometheus text), ``/status`` (live requests; needs the token like ``/ws``).
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.exceptions import ConnectionClosed
 
 from livepp.engines.protocol import Engine, as_engine
-from livepp.core.events import Event, dumps, to_json_dict
+from livepp.core.events import dumps
 from livepp.core.monitor import Monitor
-from livepp.serve.jobs import Job, JobEngine, ModelRunner, OutboxSink, error_code, one_line
+from livepp.serve.jobs import ClientError, Job, JobEngine, ModelRunner, OutboxSink, error_code, one_line
+from livepp.serve.metrics import ServerMetrics
+from livepp.serve.reasoning import start_route, start_think
 from livepp.serve.outbox import Outbox
 from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
@@ -66,6 +75,11 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     max_connections: int = 64
     max_running_jobs: int = 32
+    # Continuous batching of a local model: rows per forward pass, rows that
+    # may wait beyond them (then "busy"), and the prefill chunk in tokens.
+    max_batch: int = 8
+    max_queue: int = 24
+    prefill_chunk: int = 256
     max_stop_strings: int = 8
     max_stop_length: int = 200
     max_top_logprobs: int = 20
@@ -81,20 +95,32 @@ def _host_name(host_header: str) -> str:
     return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
-class _ClientError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _page() -> str:
     return resources.files("livepp.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
+def _respond(connection: Any, status: int, body: str, content_type: str) -> Any:
+    response = connection.respond(status, body)
+    # respond() always says text/plain, and assigning a header appends.
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 class LiveppServer:
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
-        self.engine = as_engine(engine)
+        engine = as_engine(engine)
         self.config = config
+        self.scheduler: Any = None
+        torch_engine = sys.modules.get("livepp.engines.torch.engine")
+        if torch_engine is not None and isinstance(engine, torch_engine.TorchEngine) and config.max_batch > 1:
+            from livepp.engines.torch.scheduler import Scheduler
+
+            self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
+                                       prefill_chunk=config.prefill_chunk)
+            engine = self.scheduler
+        self.engine = engine
+        self.metrics = ServerMetrics(self.status)
         self.runner = ModelRunner()
         self.jobs: set[Job] = set()
         self.outboxes: set[Outbox] = set()
@@ -120,14 +146,12 @@ class LiveppServer:
         if len(hosts) != 1 or not self.host_allowed(hosts[0]):
             return connection.respond(403, "unknown Host header (allow it with --allow-host)\n")
         if url.path == "/healthz":
-            return connection.respond(200, "ok\n")
+            return _respond(connection, 200, dumps({"status": "ok", "model": self.engine.name, **self.status()}) + "\n", "application/json")
+        if url.path == "/metrics":
+            return _respond(connection, 200, self.metrics.render().decode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
         if url.path in ("/", "/index.html"):
-            response = connection.respond(200, self._page)
-            # respond() always says text/plain, and assigning a header appends.
-            del response.headers["Content-Type"]
-            response.headers["Content-Type"] = "text/html; charset=utf-8"
-            return response
-        if url.path != "/ws":
+            return _respond(connection, 200, self._page, "text/html; charset=utf-8")
+        if url.path not in ("/ws", "/status"):
             return connection.respond(404, "not found\n")
         origin = request.headers.get("Origin")
         # The Host header was checked above, so a page's own origin is safe.
@@ -142,9 +166,19 @@ class LiveppServer:
             # Bytes: compare_digest refuses non-ASCII str.
             if given is None or not secrets.compare_digest(given.encode("utf-8"), self.config.token.encode("utf-8")):
                 return connection.respond(401, "missing or wrong token\n")
+        if url.path == "/status":
+            body = {**self.status(), "model": self.engine.name, "requests": self.metrics.live()}
+            return _respond(connection, 200, dumps(body) + "\n", "application/json")
         if len(self.outboxes) >= self.config.max_connections:
             return connection.respond(503, f"too many connections (at most {self.config.max_connections})\n")
         return None
+
+    def status(self) -> dict[str, int]:
+        """Rows running and queued, the batch size and its limit."""
+        if self.scheduler is not None:
+            return self.scheduler.status()
+        running = len(self.jobs)
+        return {"running": running, "queued": 0, "batch_size": min(running, 1), "max_batch": 1, "max_queue": 0}
 
     # ---- websocket side --------------------------------------------------
     async def handler(self, ws: Any) -> None:
@@ -163,7 +197,7 @@ class LiveppServer:
             async for message in ws:
                 try:
                     self._dispatch(message, jobs, outbox, loop)
-                except _ClientError as exc:
+                except ClientError as exc:
                     request_id = exc.__dict__.get("request_id")
                     # A refused message's error may be dropped if the client
                     # does not read (a flood of bad messages cannot grow memory).
@@ -187,39 +221,41 @@ class LiveppServer:
 
     def _dispatch(self, message: Any, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
         if isinstance(message, bytes):
-            raise _ClientError("bad_message", "send JSON text messages, not binary")
+            raise ClientError("bad_message", "send JSON text messages, not binary")
         if len(message.encode("utf-8")) > self.config.max_message_bytes:
-            raise _ClientError("message_too_large", f"messages are limited to {self.config.max_message_bytes} bytes")
+            raise ClientError("message_too_large", f"messages are limited to {self.config.max_message_bytes} bytes")
         try:
             data = json.loads(message)
         except json.JSONDecodeError as exc:
-            raise _ClientError("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+            raise ClientError("bad_json", f"malformed JSON: {exc.msg} at position {exc.pos}") from None
         except RecursionError:
-            raise _ClientError("bad_json", "JSON nested too deeply") from None
+            raise ClientError("bad_json", "JSON nested too deeply") from None
         if not isinstance(data, dict):
-            raise _ClientError("bad_message", "a message must be a JSON object")
+            raise ClientError("bad_message", "a message must be a JSON object")
         kind = data.get("type")
         request_id = data.get("id")
         try:
             if kind == "generate":
                 self._start_generate(data, jobs, outbox, loop)
             elif kind == "route":
-                self._start_route(data, jobs, outbox, loop)
+                start_route(self, data, jobs, outbox, loop)
+            elif kind == "think":
+                start_think(self, data, jobs, outbox, loop)
             elif kind == "cancel":
                 job = jobs.get(request_id) if isinstance(request_id, str) else None
                 if job is None:
-                    raise _ClientError("unknown_id", f"no running request with id {request_id!r}")
+                    raise ClientError("unknown_id", f"no running request with id {request_id!r}")
                 job.stop("cancelled")
             else:
-                raise _ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route or cancel")
-        except _ClientError as exc:
+                raise ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route, think or cancel")
+        except ClientError as exc:
             exc.__dict__["request_id"] = request_id if isinstance(request_id, str) else None
             raise
 
     def _start_generate(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
         prompt = data.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise _ClientError("bad_params", "prompt must be a non-empty string")
+            raise ClientError("bad_params", "prompt must be a non-empty string")
         try:
             raw_params = data.get("params") or {}
             if isinstance(raw_params, dict) and "max_new_tokens" not in raw_params:
@@ -231,7 +267,7 @@ class LiveppServer:
                 raise LiveppError("policies must be a list of policy specs such as 'early-stop:threshold=8'")
             [parse_policy(s) for s in specs]
         except (LiveppError, TypeError) as exc:
-            raise _ClientError("bad_params", str(exc)) from None
+            raise ClientError("bad_params", str(exc)) from None
         self._check_limits(params, specs)
         job = self._new_job(data, jobs)
         self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, OutboxSink(loop, outbox, job.id, job))
@@ -239,26 +275,26 @@ class LiveppServer:
     def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
         c = self.config
         if params.max_new_tokens > c.max_new_tokens_cap:
-            raise _ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}")
+            raise ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}")
         if len(params.stop) > c.max_stop_strings or any(len(s) > c.max_stop_length for s in params.stop):
-            raise _ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
+            raise ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
         if params.top_logprobs > c.max_top_logprobs:
-            raise _ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
+            raise ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
         if len(specs) > c.max_policies:
-            raise _ClientError("bad_params", f"at most {c.max_policies} policies per request")
+            raise ClientError("bad_params", f"at most {c.max_policies} policies per request")
 
     def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
         request_id = data.get("id")
         if not isinstance(request_id, str) or not request_id:
-            raise _ClientError("bad_message", f"{data.get('type')} needs a non-empty string id")
+            raise ClientError("bad_message", f"{data.get('type')} needs a non-empty string id")
         if request_id in jobs:
-            raise _ClientError("duplicate_id", f"request {request_id!r} is still running")
+            raise ClientError("duplicate_id", f"request {request_id!r} is still running")
         if len(jobs) >= self.config.max_requests_per_connection:
-            raise _ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
+            raise ClientError("too_many_requests", f"at most {self.config.max_requests_per_connection} concurrent requests per connection")
         if self._shutting_down:
-            raise _ClientError("shutting_down", "the server is shutting down")
+            raise ClientError("shutting_down", "the server is shutting down")
         if len(self.jobs) >= self.config.max_running_jobs:
-            raise _ClientError("busy", f"the server runs at most {self.config.max_running_jobs} requests at once; try again later")
+            raise ClientError("busy", f"the server runs at most {self.config.max_running_jobs} requests at once; try again later")
         return Job(request_id)
 
     def _launch(self, job: Job, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
@@ -280,62 +316,28 @@ class LiveppServer:
 
         job.done = loop.run_in_executor(self._workers, work)
 
-    def _start_route(self, data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
-        """{"type":"route","id","question","params":{"early":bool,"long_max_tokens":int,"short_max_tokens":int}}"""
-        question = data.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise _ClientError("bad_params", "question must be a non-empty string")
-        opts = data.get("params") or {}
-        known = {"early": bool, "long_max_tokens": int, "short_max_tokens": int}
-        if not isinstance(opts, dict) or any(k not in known or not isinstance(v, known[k]) or isinstance(v, bool) != (known[k] is bool) for k, v in opts.items()):
-            raise _ClientError("bad_params", f"route params: early (bool), long_max_tokens and short_max_tokens (int); got {opts!r}")
-        limits = [opts.get("long_max_tokens", 1), opts.get("short_max_tokens", 1)]
-        if min(limits) < 1 or max(limits) > self.config.max_new_tokens_cap:
-            raise _ClientError("bad_params", f"token limits must be between 1 and {self.config.max_new_tokens_cap}")
-        job = self._new_job(data, jobs)
-        self._launch(job, jobs, outbox, loop, self._run_route, question, opts, OutboxSink(loop, outbox, job.id))
-
-    def _run_route(self, job: Job, question: str, opts: dict[str, Any], sink: OutboxSink) -> None:
-        from livepp.car.calibration import DEFAULT_CALIBRATION, Calibration
-        from livepp.car.routing import StepByStep, route
-
-        def put(data: dict[str, Any]) -> None:
-            sink.loop.call_soon_threadsafe(sink.outbox.put, data | {"id": job.id})
-
-        class Staged:
-            def __init__(self, stage: str) -> None:
-                self.stage = stage
-
-            def emit(self, event: Event) -> None:
-                put(to_json_dict(event) | {"stage": self.stage})
-
-        engine = JobEngine(self.engine, self.runner, job)
-        try:
-            cal = Calibration.load(self.config.calibration or DEFAULT_CALIBRATION)
-            outcome = route(
-                question, engine=engine, calibration=cal, early=opts.get("early", False),
-                long_route=StepByStep(engine, max_new_tokens=opts.get("long_max_tokens", min(256, self.config.max_new_tokens_cap))),
-                short_max_new_tokens=opts.get("short_max_tokens", min(24, self.config.max_new_tokens_cap)),
-                sinks_for=lambda stage: [Staged(stage)],
-                on_decision=lambda o: put(o.decision_dict()),
-            )
-            job.final.append(outcome.answer_dict() | {"id": job.id})
-        except Exception as exc:
-            job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
-
     def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: OutboxSink) -> None:
-        """Worker thread: one generation (a serial engine's every step through the runner)."""
-        engine = JobEngine(self.engine, self.runner, job)
+        """Worker thread: one generation, monitored here, decoded by the engine."""
+        engine = self.job_engine(job, sink)
         try:
             stream = engine.open(prompt, params)  # validates before any compute
         except LiveppError as exc:
             job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
             return
-        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink], keep_events=False)
+        metrics = self.metrics.sink(job.id, "generate", job.accepted_at)
+        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink, metrics], keep_events=False)
         try:
             monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32})
         except Exception as exc:  # the end event (reason "error") is queued before this
             job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
+
+    def job_engine(self, job: Job, sink: OutboxSink) -> JobEngine:
+        """The engine as ``job`` sees it; a wait for room in the batch is told
+        to the client as a ``queued`` event."""
+        def queued(position: int) -> None:
+            sink.loop.call_soon_threadsafe(sink.outbox.put, {"type": "queued", "id": job.id, "position": position})
+
+        return JobEngine(self.engine, self.runner, job, on_queued=queued)
 
     async def shutdown(self) -> None:
         """Stop every running generation with reason "shutdown" and wait for their ends."""
@@ -346,6 +348,8 @@ class LiveppServer:
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         self.runner.shutdown()
+        if self.scheduler is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
 
 
 class Interrupts:

@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from livepp.core.events import Event, TokenRecord, to_json_dict
 from livepp.serve.outbox import Outbox
-from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
-from livepp.core.stream import SequentialBatch, TokenStream, WrappedStream
+from livepp.core.params import EngineBusy, GenerationParams, LiveppError, PromptTooLong
+from livepp.core.stream import BatchTokenStream, SequentialBatch, TokenStream, WrappedStream
 from livepp.engines.protocol import Engine, Prompt
 
-__all__ = ["ModelRunner", "RunnerStream", "Job", "JobStream", "JobEngine", "OutboxSink", "error_code", "one_line"]
+__all__ = ["ClientError", "ModelRunner", "RunnerStream", "Job", "JobStream", "JobEngine", "OutboxSink", "error_code", "one_line"]
 
 
 class ModelRunner:
@@ -59,9 +60,18 @@ class RunnerStream(WrappedStream):
 _END = object()
 
 
+class ClientError(Exception):
+    """A request refused with an error code (the README lists them)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(eq=False)  # identity, so jobs can live in a set
 class Job:
     id: str
+    accepted_at: float = field(default_factory=time.perf_counter)
     stop_reason: str | None = None
     done: asyncio.Future | None = None
     # The request's last messages: sent only after the job has left its
@@ -127,17 +137,58 @@ class JobStream(WrappedStream):
             self.job.streams.remove(self.inner)
 
 
+class JobBatch:
+    """A request's batch stream that ends as soon as its job is stopped."""
+
+    def __init__(self, batch: BatchTokenStream, job: Job) -> None:
+        self.inner, self.job = batch, job
+        self.prompt_token_ids = batch.prompt_token_ids
+        job.streams.append(batch)
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        return self.inner.finish_reasons
+
+    def __iter__(self) -> "JobBatch":
+        return self
+
+    def __next__(self) -> tuple[int, TokenRecord]:
+        if self.job.stop_reason is not None:
+            self.close()
+            raise StopIteration
+        try:
+            return next(self.inner)
+        except Exception:  # StopIteration included
+            if self.job.stop_reason is None:
+                raise
+            raise StopIteration from None
+
+    def stop(self, index: int, reason: str = "policy") -> None:
+        self.inner.stop(index, reason)
+
+    def close(self) -> None:
+        self.inner.close()
+        if self.inner in self.job.streams:
+            self.job.streams.remove(self.inner)
+
+    def abort(self) -> None:
+        self.inner.abort()
+
+
 class JobEngine:
     """The server's engine as one job sees it: every stream it opens ends
-    when the job is stopped, and a serial engine's every step (prompt
-    encoding included) goes through the runner. A batch runs its rows one
-    after another."""
+    when the job is stopped. A serial engine's every step (prompt encoding
+    included) goes through the runner and a batch runs its rows one after
+    another; an engine that schedules itself (the continuous batch, a remote
+    endpoint) opens streams and batches directly. ``on_queued(position)`` is
+    told when a stream has to wait for room in the batch."""
 
     serial = False
 
-    def __init__(self, engine: Engine, runner: ModelRunner, job: Job) -> None:
+    def __init__(self, engine: Engine, runner: ModelRunner, job: Job, *, on_queued: Callable[[int], None] | None = None) -> None:
         self.engine, self.runner, self.job = engine, runner, job
         self.name = engine.name
+        self.on_queued = on_queued
 
     def open(self, prompt: Prompt, params: GenerationParams) -> JobStream:
         if self.engine.serial:
@@ -145,16 +196,29 @@ class JobEngine:
             stream: TokenStream = RunnerStream(self.runner, self.runner.call(self.engine.open, prompt, params))
         else:
             stream = self.engine.open(prompt, params)
+            self._queued(stream)
         return JobStream(stream, self.job)
 
-    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> SequentialBatch:
-        return SequentialBatch([functools.partial(self.open, pr, p) for pr, p in zip(prompts, params)])
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> BatchTokenStream:
+        if self.engine.serial:
+            return SequentialBatch([functools.partial(self.open, pr, p) for pr, p in zip(prompts, params)])
+        batch = self.engine.open_batch(prompts, params)
+        self._queued(batch)
+        return JobBatch(batch, self.job)
+
+    def _queued(self, stream: Any) -> None:
+        # The continuous batch's streams say where they wait (None: running).
+        position = getattr(stream, "queue_position", None) if self.on_queued is not None else None
+        if position is not None:
+            self.on_queued(position)
 
 
 def error_code(exc: BaseException) -> str:
     """The error code for a failure, chosen by its type, never by its text."""
     from livepp.engines.remote import RemoteError
 
+    if isinstance(exc, EngineBusy):
+        return "busy"
     if isinstance(exc, PromptTooLong):
         return "prompt_too_long"
     if isinstance(exc, RemoteError):

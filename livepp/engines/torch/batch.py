@@ -29,7 +29,7 @@ from livepp.core.params import GenerationParams
 from livepp.core.stream import RowBatch
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "BatchStream", "BatchDecoder"]
+__all__ = ["BatchRequest", "Row", "new_row", "sample_rows", "BatchStream", "BatchDecoder"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,9 @@ class BatchRequest:
 
 
 @dataclass
-class _Row:
+class Row:
+    """One sequence in a batch: its text side, sampler and position."""
+
     index: int
     request: BatchRequest
     text: TextTracker
@@ -49,7 +51,36 @@ class _Row:
     position: int  # position of the next token to feed
     last_token: int = -1
     done: bool = False
+    finish: str | None = None
     stats: Any = field(default=None, repr=False)
+
+
+def new_row(dec: Decoder, index: int, request: BatchRequest) -> Row:
+    """A row for ``request``, validated before any compute."""
+    p = request.params
+    dec.check(list(request.prompt_ids), p)
+    gen = torch.Generator(device=dec.device).manual_seed(p.seed) if (not p.greedy and p.seed is not None) else None
+    max_new = min(p.max_new_tokens, dec.context_length - len(request.prompt_ids))
+    return Row(index, request, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(request.prompt_ids))
+
+
+def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list[TokenRecord]:
+    """Each row's next token and statistics from its logits row (``logits[k]``
+    for ``rows[k]``), with that row's own sampling parameters and generator,
+    brought back in one host sync. Marks rows that end."""
+    with torch.inference_mode():
+        packed = [next_token_stats(logits[k], r.request.params, r.generator) for k, r in enumerate(rows)]
+        flat = torch.cat(packed).tolist()
+    records, offset = [], 0
+    for r, t in zip(rows, packed):
+        r.stats = stats = unpack_stats(flat[offset : offset + t.numel()])
+        offset += t.numel()
+        text, finish = r.text.add(stats.token_id)
+        if finish is not None:
+            r.done, r.finish = True, finish
+        r.last_token = stats.token_id
+        records.append(token_record(stats, text, finish, dec._alternatives(stats.top)))
+    return records
 
 
 class BatchStream(RowBatch):
@@ -71,13 +102,7 @@ class BatchStream(RowBatch):
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
         engine = self.engine
         dec = engine.decoder
-        rows = []
-        for i, req in enumerate(self.requests):
-            p = req.params
-            dec.check(list(req.prompt_ids), p)
-            gen = torch.Generator(device=dec.device).manual_seed(p.seed) if (not p.greedy and p.seed is not None) else None
-            max_new = min(p.max_new_tokens, dec.context_length - len(req.prompt_ids))
-            rows.append(_Row(i, req, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(req.prompt_ids)))
+        rows = [new_row(dec, i, req) for i, req in enumerate(self.requests)]
         if not rows:
             return
         with torch.inference_mode():
@@ -85,21 +110,10 @@ class BatchStream(RowBatch):
         self.forward_passes += 1
         active = rows
         while active:
-            # Statistics of every active row, brought back in one host sync.
-            with torch.inference_mode():
-                packed = [next_token_stats(logits[k], r.request.params, r.generator) for k, r in enumerate(active)]
-                flat = torch.cat(packed).tolist()
-            offset = 0
-            for r, t in zip(active, packed):
-                r.stats = unpack_stats(flat[offset : offset + t.numel()])
-                offset += t.numel()
-            for r in active:
-                text, finish = r.text.add(r.stats.token_id)
-                if finish is not None:
-                    r.done = True
-                    self.finish_reasons[r.index] = finish
-                r.last_token = r.stats.token_id
-                yield r.index, token_record(r.stats, text, finish, dec._alternatives(r.stats.top))
+            for r, record in zip(active, sample_rows(dec, active, logits)):
+                if r.finish is not None:
+                    self.finish_reasons[r.index] = r.finish
+                yield r.index, record
             for i, reason in self._stopped.items():
                 if self.finish_reasons[i] is None:
                     self.finish_reasons[i] = reason
@@ -156,7 +170,7 @@ class BatchDecoder:
             logits, mask = logits[index], mask[index]
         return logits, cache, mask
 
-    def _step(self, rows: Sequence[_Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, rows: Sequence[Row], cache: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # input_ids: [B, 1] the newest token of each row; positions: [B, 1] its own position.
         device = mask.device
         ids = torch.tensor([[r.last_token] for r in rows], device=device)

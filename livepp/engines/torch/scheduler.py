@@ -1,0 +1,443 @@
+"""Continuous batching: one thread owns the torch engine and steps every
+active row in one forward pass.
+
+Streams are opened from any thread (:meth:`Scheduler.open`, and
+:meth:`Scheduler.open_batch` for N rows read together, e.g. DeepConf traces).
+A new row waits in a bounded queue until the batch has room, is prefilled
+(prompts up to ``prefill_chunk`` tokens together in one padded pass; a longer
+prompt alone, one chunk per turn, so running rows wait at most one chunk),
+delivers its first token, and joins the shared batch at the next step: its KV
+cache rows are left-padded to the batch's length and stacked onto it. A row
+that ends (EOS, stop string, length) or whose consumer closes it (a policy
+stop, a cancel, a disconnect) leaves the batch before the next step, and
+columns that only padding still uses are trimmed away.
+
+Steps are in lockstep with the consumers: a step runs once every active
+row's consumer has taken its last record and asked for the next one (or has
+closed), so a policy's stop is seen before the row's next forward pass, as
+with a single stream. Each row keeps its own sampling generator and text
+side, so its tokens and logprobs equal its own single-sequence decoding up to
+the rounding of padded kernels (the tests check ≤ 1e-4).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from livepp.core.events import TokenRecord
+from livepp.core.params import EngineBusy, GenerationParams, LiveppError
+from livepp.engines.protocol import Prompt
+from livepp.engines.torch.batch import BatchDecoder, BatchRequest, Row, new_row, sample_rows
+from livepp.engines.torch.engine import TorchEngine
+
+__all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch"]
+
+
+class _Channel:
+    """The consumer side of one stream or one batch: records waiting to be
+    read, whether the consumer is waiting for more, and how it ended."""
+
+    def __init__(self) -> None:
+        self.rows: list[_Slot] = []
+        self.pending: deque[tuple[int, TokenRecord]] = deque()
+        self.waiting = False
+        self.aborted = False
+        self.error: BaseException | None = None
+        self.queue_position: int | None = None
+
+    def ready(self) -> bool:
+        return self.aborted or (self.waiting and not self.pending)
+
+
+@dataclass(eq=False)
+class _Slot:
+    channel: _Channel
+    local: int  # row index within its channel
+    row: Row
+    cancelled: str | None = None
+    done: bool = False
+    opened_at: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    """The torch engine behind a continuous batch (see the module docstring).
+    Thread-safe; ``serial`` is False because it serializes the model itself."""
+
+    serial = False
+
+    def __init__(self, engine: TorchEngine, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256) -> None:
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise LiveppError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1; got {max_batch}, {max_queue}, {prefill_chunk}")
+        self.engine = engine
+        self.name = engine.name
+        self.decoder = engine.decoder
+        self.batcher = BatchDecoder(engine.decoder)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        _check_full_attention(engine.decoder.model)
+        self._cv = threading.Condition()
+        self._tokenizer = threading.Lock()  # the tokenizer is shared by callers and the loop
+        self._queue: deque[_Slot] = deque()
+        self._prefill: list[_Slot] = []
+        self._prefill_steps: Iterator[Any] | None = None
+        self._active: list[_Slot] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.forward_passes = 0
+        self.steps = 0
+        self.peak_batch = 0  # the most rows one decode step has run
+
+    # ---- opening streams (any thread) -------------------------------------
+    def open(self, prompt: Prompt, params: GenerationParams) -> "ScheduledStream":
+        return ScheduledStream(self, self._submit([prompt], [params]))
+
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "ScheduledBatch":
+        if len(prompts) != len(params):
+            raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
+        return ScheduledBatch(self, self._submit(prompts, params))
+
+    def status(self) -> dict[str, int]:
+        """Rows prefilling or decoding, rows queued, rows in the batch (rows
+        already cancelled are leaving and not counted) and the limits."""
+        with self._cv:
+            active = sum(1 for s in self._active if not s.cancelled)
+            return {"running": active + sum(1 for s in self._prefill if not s.cancelled),
+                    "queued": sum(1 for s in self._queue if not s.cancelled), "batch_size": active,
+                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+
+    def close(self) -> None:
+        """Stop the loop; streams still open end with an error."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _submit(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> _Channel:
+        channel = _Channel()
+        with self._tokenizer:
+            ids = {}
+            for prompt, p in zip(prompts, params):
+                key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
+                if key not in ids:
+                    ids[key] = tuple(self.decoder.encode(prompt, raw=p.raw))
+            rows = [new_row(self.decoder, i, BatchRequest(ids[(pr if isinstance(pr, str) else repr(list(pr)), p.raw)], p))
+                    for i, (pr, p) in enumerate(zip(prompts, params))]
+        with self._cv:
+            if self._stopping:
+                raise LiveppError("the engine is shutting down")
+            running = len(self._active) + len(self._prefill)
+            free = self.max_batch - running - len(self._queue)
+            if len(rows) - max(free, 0) > self.max_queue - len(self._queue):
+                raise EngineBusy(f"the model is busy: {running} rows running and {len(self._queue)} queued "
+                                 f"(batch {self.max_batch}, queue {self.max_queue}); try again later")
+            if free < len(rows):
+                channel.queue_position = len(self._queue) + 1
+            for i, row in enumerate(rows):
+                slot = _Slot(channel, i, row)
+                channel.rows.append(slot)
+                self._queue.append(slot)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="livepp-scheduler", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+        return channel
+
+    # ---- the consumer side (the stream's thread) ----------------------------
+    def _get(self, channel: _Channel) -> tuple[int, TokenRecord]:
+        with self._cv:
+            while True:
+                if channel.pending:
+                    channel.waiting = False  # busy with this record until it asks again
+                    return channel.pending.popleft()
+                if channel.error is not None:
+                    raise channel.error
+                if channel.aborted or all(s.done for s in channel.rows):
+                    channel.waiting = False
+                    raise StopIteration
+                if not channel.waiting:
+                    channel.waiting = True
+                    self._cv.notify_all()
+                self._cv.wait()
+
+    def _cancel(self, slot: _Slot, reason: str) -> None:
+        with self._cv:
+            if not slot.done:
+                slot.cancelled = slot.cancelled or reason
+            self._cv.notify_all()
+
+    def _abort(self, channel: _Channel, reason: str) -> None:
+        with self._cv:
+            channel.aborted = True
+            for slot in channel.rows:
+                if not slot.done:
+                    slot.cancelled = slot.cancelled or reason
+            self._cv.notify_all()
+
+    # ---- the loop (the scheduler's thread) -----------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._work_ready():
+                    self._cv.wait()
+                if self._stopping:
+                    self._fail_all(LiveppError("the engine stopped"))
+                    return
+                self._drop_cancelled_queue()
+                if self._prefill_steps is None:
+                    self._start_prefill()
+            try:
+                if self._prefill_steps is not None:
+                    self._prefill_chunk()  # one chunk; running rows step in between
+                with self._cv:
+                    # Rows that joined just now step once their consumers have read their first token.
+                    stepping = self._step_ready()
+                if stepping:
+                    self._step()
+            except Exception as exc:  # a failed forward pass fails the rows in it, not the service
+                traceback.print_exc(file=sys.stderr)
+                with self._cv:
+                    self._fail_all(exc, keep_queue=True)
+
+    def _step_ready(self) -> bool:
+        return bool(self._active) and all(s.cancelled or s.channel.ready() for s in self._active)
+
+    def _work_ready(self) -> bool:
+        if self._prefill_steps is not None:
+            return True
+        if self._queue and len(self._active) + len(self._prefill) < self.max_batch:
+            return True
+        if any(s.cancelled for s in self._queue):
+            return True
+        return self._step_ready()
+
+    def _drop_cancelled_queue(self) -> None:
+        for slot in [s for s in self._queue if s.cancelled]:
+            self._queue.remove(slot)
+            slot.done = True
+        self._cv.notify_all()
+
+    def _start_prefill(self) -> None:
+        """Take queued rows while the batch has room: short prompts together,
+        a long prompt alone (chunked)."""
+        room = self.max_batch - len(self._active)
+        if not self._queue or room <= 0:
+            return
+        first = self._queue[0]
+        if len(first.row.request.prompt_ids) > self.prefill_chunk:
+            group = [self._queue.popleft()]
+            self._prefill_steps = self._chunked_prefill(first.row.request.prompt_ids)
+        else:
+            group = []
+            while self._queue and len(group) < room and len(self._queue[0].row.request.prompt_ids) <= self.prefill_chunk:
+                group.append(self._queue.popleft())
+            self._prefill_steps = iter([functools.partial(self.batcher._prefill, [s.row.request.prompt_ids for s in group])])
+        self._prefill = group
+        for channel in {id(s.channel): s.channel for s in self._queue}.values():
+            channel.queue_position = next(i + 1 for i, s in enumerate(self._queue) if s.channel is channel)
+
+    def _chunked_prefill(self, prompt: Sequence[int]) -> Iterator[Any]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.decoder.model.config)
+        device = self.decoder.device
+        n, c = len(prompt), self.prefill_chunk
+        for start in range(0, n, c):
+            end = min(start + c, n)
+
+            def chunk(start: int = start, end: int = end) -> Any:
+                out = self.decoder.model(input_ids=torch.tensor([list(prompt[start:end])], device=device),
+                                         attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                                         position_ids=torch.arange(start, end, device=device)[None],
+                                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                return (out.logits[:, -1], cache, torch.ones((1, n), dtype=torch.long, device=device)) if end == n else None
+
+            yield chunk
+
+    def _prefill_chunk(self) -> None:
+        assert self._prefill_steps is not None
+        with torch.inference_mode():
+            result = next(self._prefill_steps)()
+        self.forward_passes += 1
+        if result is None:
+            return  # more chunks to go; running rows step in between
+        self._prefill_steps = None
+        logits, cache, mask = result
+        group = self._prefill
+        with self._tokenizer:
+            records = sample_rows(self.decoder, [s.row for s in group], logits)
+        with self._cv:
+            keep = [k for k, s in enumerate(group) if not s.row.done and not s.cancelled]
+            self._deliver(group, records)
+            if keep:
+                if len(keep) < len(group):
+                    index = torch.tensor(keep, device=mask.device)
+                    cache.batch_select_indices(index)
+                    mask = mask[index]
+                self._cache, self._mask = _stack(self._cache, self._mask, cache, mask)
+                self._active.extend(group[k] for k in keep)
+            self._prefill = []
+
+    def _step(self) -> None:
+        with self._cv:
+            for s in self._active:
+                if s.cancelled and not s.done:
+                    s.done = True
+            keep = [k for k, s in enumerate(self._active) if not s.done]
+            if len(keep) < len(self._active):
+                self._select(keep)
+            rows = [s.row for s in self._active]
+            self._cv.notify_all()
+        if not rows:
+            return
+        with torch.inference_mode():
+            logits, self._mask = self.batcher._step(rows, self._cache, self._mask)
+        self.forward_passes += 1
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        for r in rows:
+            r.position += 1
+        with self._tokenizer:
+            records = sample_rows(self.decoder, rows, logits)
+        with self._cv:
+            self._deliver(self._active, records)
+            keep = [k for k, s in enumerate(self._active) if not s.done]
+            if len(keep) < len(self._active):
+                self._select(keep)
+
+    def _deliver(self, slots: Sequence[_Slot], records: Sequence[TokenRecord]) -> None:
+        for s, record in zip(slots, records):
+            if s.cancelled:
+                s.done = True
+                continue
+            s.channel.pending.append((s.local, record))
+            if s.row.done:
+                s.done = True
+        self._cv.notify_all()
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only these active rows; drop cache columns only padding uses."""
+        self._active = [self._active[k] for k in keep]
+        if not keep:
+            self._cache, self._mask = None, None
+            return
+        assert self._mask is not None
+        index = torch.tensor(keep, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        used = self._mask.any(dim=0)
+        first = int(used.to(torch.int8).argmax())
+        if first > 0:
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self._mask = self._mask[:, first:]
+
+    def _fail_all(self, exc: BaseException, *, keep_queue: bool = False) -> None:
+        slots = self._active + self._prefill + ([] if keep_queue else list(self._queue))
+        for s in slots:
+            s.done = True
+            if s.channel.error is None:
+                s.channel.error = exc
+        self._active, self._prefill, self._prefill_steps = [], [], None
+        self._cache, self._mask = None, None
+        if not keep_queue:
+            self._queue.clear()
+        self._cv.notify_all()
+
+
+def _stack(cache_a: Any, mask_a: torch.Tensor | None, cache_b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """One batch from two: both left-padded to the longer one's length."""
+    if cache_a is None or mask_a is None:
+        return cache_b, mask_b
+    width = max(mask_a.shape[1], mask_b.shape[1])
+
+    def pad(x: torch.Tensor, length: int) -> torch.Tensor:
+        return F.pad(x, (0, 0, width - length, 0)) if width > length else x
+
+    la, lb = mask_a.shape[1], mask_b.shape[1]
+    for a, b in zip(cache_a.layers, cache_b.layers):
+        a.keys = torch.cat([pad(a.keys, la), pad(b.keys, lb)], dim=0)
+        a.values = torch.cat([pad(a.values, la), pad(b.values, lb)], dim=0)
+    mask = torch.cat([F.pad(mask_a, (width - la, 0)), F.pad(mask_b, (width - lb, 0))], dim=0)
+    return cache_a, mask
+
+
+def _check_full_attention(model: Any) -> None:
+    from transformers import DynamicCache
+
+    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
+    if kinds - {"DynamicLayer"}:
+        raise LiveppError(f"continuous batching stacks full-attention KV caches; this model's cache has {sorted(kinds)} layers "
+                          "(serve it with --max-batch 1)")
+
+
+class ScheduledStream:
+    """One row of the continuous batch as a :class:`~livepp.core.stream.TokenStream`."""
+
+    def __init__(self, scheduler: Scheduler, channel: _Channel) -> None:
+        self.scheduler, self.channel = scheduler, channel
+        self.prompt_token_ids = channel.rows[0].row.request.prompt_ids
+        self.queue_position = channel.queue_position
+        self.finish_reason: str | None = None
+        self.tokens_after_stop: int | None = None
+        self.engine_finish_reason: str | None = None
+
+    def __iter__(self) -> "ScheduledStream":
+        return self
+
+    def __next__(self) -> TokenRecord:
+        _, record = self.scheduler._get(self.channel)
+        if record.finish_reason is not None:
+            self.finish_reason = record.finish_reason
+        return record
+
+    def close(self) -> None:
+        self.scheduler._abort(self.channel, "cancelled")
+
+    def abort(self) -> None:
+        self.scheduler._abort(self.channel, "cancelled")
+
+
+class ScheduledBatch:
+    """Rows of the continuous batch read together, as a
+    :class:`~livepp.core.stream.BatchTokenStream`."""
+
+    def __init__(self, scheduler: Scheduler, channel: _Channel) -> None:
+        self.scheduler, self.channel = scheduler, channel
+        self.prompt_token_ids = [s.row.request.prompt_ids for s in channel.rows]
+        self.finish_reasons: list[str | None] = [None] * len(channel.rows)
+        self.queue_position = channel.queue_position
+
+    def __iter__(self) -> "ScheduledBatch":
+        return self
+
+    def __next__(self) -> tuple[int, TokenRecord]:
+        index, record = self.scheduler._get(self.channel)
+        if record.finish_reason is not None:
+            self.finish_reasons[index] = record.finish_reason
+        return index, record
+
+    def stop(self, index: int, reason: str = "policy") -> None:
+        if self.finish_reasons[index] is None:
+            self.finish_reasons[index] = reason
+            self.scheduler._cancel(self.channel.rows[index], reason)
+
+    def close(self) -> None:
+        for i, reason in enumerate(self.finish_reasons):
+            if reason is None:
+                self.finish_reasons[i] = "cancelled"
+        self.scheduler._abort(self.channel, "cancelled")
+
+    def abort(self) -> None:
+        self.scheduler._abort(self.channel, "cancelled")
