@@ -1,14 +1,15 @@
-"""Server latency and throughput against an in-process baseline, from one run.
+"""Server latency and throughput against in-process batches, from one run.
 
     python benchmarks/server.py [--tokens 32] [--clients 1,4,8]
 
-Baseline: one generation in the same process through the Monitor (no
-server, no websocket). Then a real `livepp serve` instance on an ephemeral
-loopback port and N websocket clients at once, each asking for the same
-number of greedy tokens. Printed: time to first token (median over clients)
-and aggregate tokens/s, with the ratio to the baseline. The model runs one
-forward pass at a time, so aggregate tokens/s cannot exceed the baseline;
-the ratio shows what the server costs on top of that.
+For each N: the in-process baseline decodes N monitored requests as one
+batch (``stream_many``: no server, no websocket); then real `livepp serve`
+instances on ephemeral loopback ports get N websocket clients at once, each
+asking for the same number of greedy tokens: the continuous-batching server
+(``--max-batch 8``) and the one-step-at-a-time server (``--max-batch 1``, the
+FIFO runner). Printed: time to first token (median over requests) and
+aggregate tokens/s, with the ratio to the in-process batch of the same size
+and, for the batched server, to its own 1-client figure.
 """
 
 from __future__ import annotations
@@ -22,25 +23,20 @@ import time
 
 from websockets.sync.client import connect
 
-from livepp import Decoder, GenerationParams, Monitor, load_model
+from livepp import Decoder, GenerationParams, load_model, stream_many
 from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 
 PROMPT = "Write a long story about a cat who learns to sail."
 
 
-def baseline(decoder: Decoder, n: int) -> tuple[float, float]:
-    ids = decoder.encode(PROMPT)
+def in_process(decoder: Decoder, clients: int, n: int) -> tuple[float, float]:
+    """N requests as one in-process batch with full monitoring."""
     t = time.perf_counter()
-    first = None
-
-    class FirstToken:
-        def emit(self, e):
-            nonlocal first
-            if e.type == "token" and first is None:
-                first = time.perf_counter() - t
-
-    Monitor(sinks=[FirstToken()]).run(decoder.stream(ids, GenerationParams(max_new_tokens=n, ignore_eos=True)))
-    return first, n / (time.perf_counter() - t)
+    first: dict[int, float] = {}
+    for sample, e in stream_many([PROMPT] * clients, model=decoder, params=GenerationParams(max_new_tokens=n, ignore_eos=True)):
+        if e.type == "token" and sample not in first:
+            first[sample] = time.perf_counter() - t
+    return statistics.median(first.values()), clients * n / (time.perf_counter() - t)
 
 
 def run_clients(port: int, clients: int, n: int) -> tuple[float, float]:
@@ -71,35 +67,50 @@ def run_clients(port: int, clients: int, n: int) -> tuple[float, float]:
     return statistics.median(ttft), clients * n / (max(done) - t0)
 
 
+class Served:
+    """A real server in a thread, on an ephemeral port."""
+
+    def __init__(self, decoder: Decoder, max_batch: int) -> None:
+        self.server = LiveppServer(decoder, ServerConfig(port=0, max_batch=max_batch, max_queue=16))
+        ready = threading.Event()
+
+        async def serve() -> None:
+            self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
+            await serve_forever(self.server, ready=lambda p: (setattr(self, "port", p), ready.set()), stop=self.stop_event)
+
+        self.thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+        self.thread.start()
+        ready.wait(60)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,4,8")
     args = ap.parse_args()
     decoder = Decoder(load_model())
-    baseline(decoder, 4)  # warm-up
+    in_process(decoder, 2, 4)  # warm-up
+    batched, fifo = Served(decoder, 8), Served(decoder, 1)
+    run_clients(batched.port, 2, 4)  # warm-up
 
-    server = LiveppServer(decoder, ServerConfig(port=0))
-    ready = threading.Event()
-    holder: dict = {}
-
-    async def serve() -> None:
-        holder["loop"], holder["stop"] = asyncio.get_running_loop(), asyncio.Event()
-        await serve_forever(server, ready=lambda p: (holder.__setitem__("port", p), ready.set()), stop=holder["stop"])
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    ready.wait(60)
-
-    b_ttft, b_tps = baseline(decoder, args.tokens)
-    print(f"{args.tokens} greedy tokens per request, embedded model, loopback\n")
-    print(f"  {'setup':<28} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process':>14}")
-    print(f"  {'in-process, 1 request':<28} {b_ttft * 1000:>11.0f} ms {b_tps:>19.1f} {1.0:>13.2f}x")
+    print(f"{args.tokens} greedy tokens per request, embedded model, loopback, full monitoring everywhere\n")
+    print(f"  {'setup':<34} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process batch':>20} {'vs 1 client':>12}")
+    one: tuple[float, float] | None = None
     for clients in [int(c) for c in args.clients.split(",")]:
-        ttft, tps = run_clients(holder["port"], clients, args.tokens)
-        print(f"  {f'server, {clients} client(s)':<28} {ttft * 1000:>11.0f} ms {tps:>19.1f} {tps / b_tps:>13.2f}x")
-    holder["loop"].call_soon_threadsafe(holder["stop"].set)
-    thread.join(30)
+        b_ttft, b_tps = in_process(decoder, clients, args.tokens)
+        ttft, tps = run_clients(batched.port, clients, args.tokens)
+        f_ttft, f_tps = run_clients(fifo.port, clients, args.tokens)
+        one = one or (ttft, tps)
+        print(f"  {f'in-process batch of {clients}':<34} {b_ttft * 1000:>11.0f} ms {b_tps:>19.1f} {1.0:>19.2f}x {'':>12}")
+        print(f"  {f'server, continuous batch, {clients} cl.':<34} {ttft * 1000:>11.0f} ms {tps:>19.1f} {tps / b_tps:>19.2f}x "
+              f"{tps / one[1]:>11.2f}x  (TTFT {ttft / one[0]:.2f}x)")
+        print(f"  {f'server, --max-batch 1, {clients} cl.':<34} {f_ttft * 1000:>11.0f} ms {f_tps:>19.1f} {f_tps / b_tps:>19.2f}x {'':>12}")
+    batched.stop()
+    fifo.stop()
 
 
 if __name__ == "__main__":

@@ -137,3 +137,51 @@ def test_route_mode_shows_short_stage_decision_long_stage_and_answer(decoder, br
         browser.save_screenshot(str(ARTIFACTS / "page-route.png"))
     finally:
         server.stop()
+
+
+def test_page_shows_the_services_load_and_live_requests(decoder, browser):
+    import json
+    import threading
+
+    from websockets.sync.client import connect
+
+    server = RunningServer(decoder, max_batch=2, max_queue=4)
+    from test_server import send
+
+    done = threading.Event()
+
+    def traffic():
+        # Three requests from another client: two run, one waits.
+        with connect(server.url) as ws:
+            for i in range(3):
+                send(ws, type="generate", id=f"bg{i}", prompt="Write a long essay about the sea.", params={"max_new_tokens": 200, "ignore_eos": True})
+            ends = 0
+            while ends < 3 and not done.is_set():
+                try:
+                    ends += json.loads(ws.recv(timeout=1))["type"] == "end"
+                except TimeoutError:
+                    pass
+            for i in range(3):
+                send(ws, type="cancel", id=f"bg{i}")
+
+    worker = threading.Thread(target=traffic, daemon=True)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        worker.start()
+        wait_for(lambda: browser.find_element("id", "svc").text == "service: 2 running · 1 queued · batch 2/2", "the load in the header", timeout=60)
+        rows = lambda: browser.find_elements("css selector", "#live-rows tr")  # noqa: E731
+        def generating():
+            return [[c.text for c in r.find_elements("css selector", "td")] for r in rows() if "generating" in r.text]
+
+        wait_for(lambda: len(rows()) == 3 and len(generating()) == 2 and all(c[4] != "–" for c in generating()),
+                 "two generating requests with their PPL and one waiting", timeout=60)
+        cells = generating()
+        assert sorted(c[0] for c in cells) == ["bg0", "bg1"] and {c[1] for c in cells} == {"generate"}
+        assert all(int(c[3]) >= 1 and float(c[4]) >= 1.0 for c in cells)
+        waiting = [r.text for r in rows() if "waiting" in r.text]
+        assert len(waiting) == 1 and waiting[0].startswith("bg2")
+        browser.save_screenshot(str(ARTIFACTS / "page-live.png"))
+    finally:
+        done.set()
+        worker.join(30)
+        server.stop()

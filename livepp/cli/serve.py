@@ -28,8 +28,16 @@ __all__ = ["serve_cmd"]
 @click.option("--allow-origin", "allowed_origins", multiple=True, metavar="ORIGIN", help="Also accept websocket connections from this page origin.")
 @click.option("--allow-host", "allowed_hosts", multiple=True, metavar="HOST",
               help="Also accept requests whose Host header names HOST (besides localhost, 127.0.0.1, [::1] and the bound address); '*' accepts any.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Requests decoded together in one forward pass per step (continuous batching); 1 runs them one token at a time in turn. "
+                   "Default: 8 on a CPU, 32 on a GPU.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Requests that may wait for room in the batch (they get a 'queued' event); past it a request gets a 'busy' error.")
+@click.option("--prefill-chunk", type=click.IntRange(min=16), default=256, show_default=True,
+              help="A longer prompt is prefilled this many tokens at a time, so running requests wait at most one chunk.")
 @device_options
-def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration, allowed_origins, allowed_hosts, device, dtype) -> None:
+def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, device, dtype) -> None:
     """Serve the live page at / , the websocket API at /ws and /healthz.
 
     \b
@@ -42,9 +50,6 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
     try:
         from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 
-        config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
-                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
-                              allowed_hosts=tuple(allowed_hosts), calibration=calibration)
         from livepp.serve.app import LOOPBACK_HOSTS
 
         if host.lower() not in LOOPBACK_HOSTS:
@@ -61,10 +66,19 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
         else:
             engine = local_engine(model_path, device=device, dtype=dtype)
             name = engine.name
+        if max_batch is None:
+            on_gpu = getattr(getattr(engine, "decoder", None), "device", None)
+            max_batch = 32 if on_gpu is not None and on_gpu.type == "cuda" else 8
+        config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
+                              max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
+                              allowed_hosts=tuple(allowed_hosts), calibration=calibration, max_batch=max_batch, max_queue=max_queue,
+                              prefill_chunk=prefill_chunk, max_running_jobs=max(32, max_batch + max_queue))
         server = LiveppServer(engine, config)
+        batching = f"continuous batching of up to {max_batch}, queue {max_queue}" if server.scheduler is not None else "one request step at a time"
 
         def ready(bound: int) -> None:
-            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ (websocket /ws, health /healthz); Ctrl-C stops", err=True)
+            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ ({batching}; websocket /ws, health /healthz, "
+                       "metrics /metrics); Ctrl-C stops", err=True)
 
         asyncio.run(serve_forever(server, ready=ready))
         click.echo("livepp: stopped", err=True)

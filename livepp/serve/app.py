@@ -56,7 +56,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 # Every code an error message from this server can carry (the README lists them).
 ERROR_CODES = (
     "bad_json", "bad_message", "unknown_type", "bad_params", "message_too_large", "prompt_too_long",
-    "too_many_requests", "busy", "duplicate_id", "unknown_id", "shutting_down", "unsupported", "upstream_error", "internal",
+    "too_many_requests", "busy", "duplicate_id", "unknown_id", "shutting_down", "upstream_error", "internal",
 )
 
 

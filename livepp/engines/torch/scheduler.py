@@ -138,12 +138,13 @@ class Scheduler:
             if self._stopping:
                 raise LiveppError("the engine is shutting down")
             running = len(self._active) + len(self._prefill)
-            free = self.max_batch - running - len(self._queue)
-            if len(rows) - max(free, 0) > self.max_queue - len(self._queue):
-                raise EngineBusy(f"the model is busy: {running} rows running and {len(self._queue)} queued "
+            occupied = running + len(self._queue)  # rows in the batch or waiting for it
+            if occupied + len(rows) > self.max_batch + self.max_queue:
+                raise EngineBusy(f"the model is busy: {running} rows running and {len(self._queue)} waiting "
                                  f"(batch {self.max_batch}, queue {self.max_queue}); try again later")
-            if free < len(rows):
-                channel.queue_position = len(self._queue) + 1
+            if occupied + len(rows) > self.max_batch:
+                # Its place among the rows that wait for someone to leave the batch.
+                channel.queue_position = max(1, occupied + 1 - self.max_batch)
             for i, row in enumerate(rows):
                 slot = _Slot(channel, i, row)
                 channel.rows.append(slot)
@@ -244,8 +245,6 @@ class Scheduler:
                 group.append(self._queue.popleft())
             self._prefill_steps = iter([functools.partial(self.batcher._prefill, [s.row.request.prompt_ids for s in group])])
         self._prefill = group
-        for channel in {id(s.channel): s.channel for s in self._queue}.values():
-            channel.queue_position = next(i + 1 for i, s in enumerate(self._queue) if s.channel is channel)
 
     def _chunked_prefill(self, prompt: Sequence[int]) -> Iterator[Any]:
         from transformers import DynamicCache
