@@ -75,7 +75,8 @@ class Scheduler:
 
     serial = False
 
-    def __init__(self, engine: TorchEngine, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256) -> None:
+    def __init__(self, engine: TorchEngine, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256,
+                 gather_s: float = 0.01) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LiveppError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1; got {max_batch}, {max_queue}, {prefill_chunk}")
         self.engine = engine
@@ -83,6 +84,10 @@ class Scheduler:
         self.decoder = engine.decoder
         self.batcher = BatchDecoder(engine.decoder)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        # An idle engine waits this long after the latest arrival (at most 5x
+        # in all) before prefilling, so a burst of requests shares one prefill.
+        self.gather_s = gather_s
+        self._last_submit = 0.0
         _check_full_attention(engine.decoder.model)
         self._cv = threading.Condition()
         self._tokenizer = threading.Lock()  # the tokenizer is shared by callers and the loop
@@ -145,6 +150,7 @@ class Scheduler:
             if occupied + len(rows) > self.max_batch:
                 # Its place among the rows that wait for someone to leave the batch.
                 channel.queue_position = max(1, occupied + 1 - self.max_batch)
+            self._last_submit = time.perf_counter()
             for i, row in enumerate(rows):
                 slot = _Slot(channel, i, row)
                 channel.rows.append(slot)
@@ -197,6 +203,7 @@ class Scheduler:
                     return
                 self._drop_cancelled_queue()
                 if self._prefill_steps is None:
+                    self._gather()
                     self._start_prefill()
             try:
                 if self._prefill_steps is not None:
@@ -210,6 +217,17 @@ class Scheduler:
                 traceback.print_exc(file=sys.stderr)
                 with self._cv:
                     self._fail_all(exc, keep_queue=True)
+
+    def _gather(self) -> None:
+        """With nothing running, let a burst of arrivals gather (under the lock)."""
+        if self._active or not self._queue or self.gather_s <= 0:
+            return
+        cap = time.perf_counter() + 5 * self.gather_s
+        while not self._stopping and len(self._queue) < self.max_batch:
+            wait = min(self._last_submit + self.gather_s, cap) - time.perf_counter()
+            if wait <= 0:
+                return
+            self._cv.wait(wait)
 
     def _step_ready(self) -> bool:
         return bool(self._active) and all(s.cancelled or s.channel.ready() for s in self._active)
