@@ -1,0 +1,91 @@
+"""The continuous-batching scheduler on the real model, without a server:
+chunked prefill of a long prompt between running steps, and a policy stop
+that takes a row out of the very next forward pass."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from livepp.core.monitor import Monitor
+from livepp.core.params import GenerationParams
+from livepp.core.policies import EarlyStop
+from livepp.engines.torch.engine import TorchEngine
+from livepp.engines.torch.scheduler import Scheduler
+
+pytestmark = pytest.mark.model
+
+
+class ForwardLog:
+    """Each forward pass's input shape [rows, new tokens], from a model hook."""
+
+    def __init__(self, model) -> None:
+        self.shapes: list[tuple[int, int]] = []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, _module, _args, kwargs) -> None:
+        self.shapes.append(tuple(kwargs["input_ids"].shape))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_steps(decoder):
+    engine = TorchEngine(decoder)
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=64, gather_s=0)
+    long_prompt = "Summarise this. " + " ".join(f"Item {i} is a red box." for i in range(60))
+    n_long = len(decoder.encode(long_prompt))
+    assert n_long > 4 * 64
+    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    log = ForwardLog(decoder.model)
+    got: dict[str, list[float]] = {"a": [], "b": []}
+    try:
+        a = scheduler.open("Write a long essay about the sea.", params)
+        first = next(a)
+        got["a"].append(first.logprob)
+        b = scheduler.open(long_prompt, GenerationParams(max_new_tokens=6))
+        t = threading.Thread(target=lambda: got["b"].extend(r.logprob for r in b))
+        t.start()
+        got["a"].extend(r.logprob for r in a)
+        t.join(120)
+    finally:
+        log.close()
+        scheduler.close()
+    chunks = [i for i, s in enumerate(log.shapes) if s[0] == 1 and s[1] == 64]
+    steps_between = [i for i, s in enumerate(log.shapes) if s == (1, 1) and chunks[0] < i < chunks[-1]]
+    assert len(chunks) == n_long // 64 and (1, n_long % 64) in log.shapes[chunks[-1]:]
+    # the running row stepped between the chunks: it never waited for the whole prefill
+    assert len(steps_between) >= len(chunks) - 1
+    # and chunked prefill gives the numbers of a single pass
+    alone = Monitor().run(engine.open(long_prompt, GenerationParams(max_new_tokens=6)))
+    assert max(abs(x - y) for x, y in zip(got["b"], [t.logprob for t in alone.tokens])) <= 1e-4
+    assert len(got["a"]) == 40
+
+
+def test_a_policy_stop_takes_the_row_out_of_the_next_forward_pass(decoder):
+    engine = TorchEngine(decoder)
+    scheduler = Scheduler(engine, max_batch=4)
+    log = ForwardLog(decoder.model)
+    results = {}
+    params = GenerationParams(max_new_tokens=30, ignore_eos=True)
+
+    def run(name: str, prompt: str, policies) -> None:
+        results[name] = Monitor(policies=policies).run(scheduler.open(prompt, params))
+
+    try:
+        threads = [threading.Thread(target=run, args=("stopped", "Write a long essay about the sea.", [EarlyStop(1.0001, metric="ppl", min_tokens=7)])),
+                   threading.Thread(target=run, args=("free", "Write a poem about rain.", []))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+    finally:
+        log.close()
+        scheduler.close()
+    stopped, free = results["stopped"].end, results["free"].end
+    assert stopped.reason == "policy" and stopped.n_tokens == 7
+    assert free.reason == "length" and free.n_tokens == 30
+    steps = [s for s in log.shapes if s[1] == 1]
+    # one prefill for both (they arrived together), then 6 steps with both rows, then the free row alone
+    assert [s[0] for s in steps] == [2] * 6 + [1] * 23
