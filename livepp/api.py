@@ -65,7 +65,7 @@ def generate(
         "ema_alpha": ema_alpha,
         "confidence_window": confidence_window,
     }
-    return monitor.run(stream, model=engine.name, params=run_params)
+    return monitor.run(stream, model=engine.name, params=run_params, engine=engine.kind)
 
 
 def greedy_token_scores(
@@ -133,7 +133,7 @@ def stream_many(
     rows, row_params = _row_params(prompts, n, params)
     engine = as_engine(model)
     settings = {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window}
-    batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name,
+    batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name, engine=engine.kind,
                            policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings), run_params=settings)
     yield from batch
 

@@ -46,6 +46,7 @@ class ScriptedEngine:
     def __init__(self, scripts: dict[str, Script | list[Script]], *, name: str = "scripted", serial: bool = True,
                  default: Script | None = None) -> None:
         self.scripts, self.name, self.serial, self.default = scripts, name, serial, default
+        self.kind = "scripted"
         self.produced = 0
         self.opened: list[tuple[Prompt, GenerationParams]] = []
         self.streams: list[ScriptedStream] = []

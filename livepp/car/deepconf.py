@@ -97,7 +97,7 @@ def _run(engine: Engine, prompt: Prompt, params: list[GenerationParams], first_s
          stop_below: float | None = None, warmup: bool, consensus: Any = None) -> list[TraceOutcome]:
     """Run a batch of traces; sample numbers start at ``first_sample``."""
     batch = MonitoredBatch(
-        engine.open_batch([prompt] * len(params), params), params, model=engine.name,
+        engine.open_batch([prompt] * len(params), params), params, model=engine.name, engine=engine.kind,
         policies=lambda i: [ConfidenceStop(stop_below)] if stop_below is not None else [],
         tracker_factory=lambda: Tracker(confidence_window=group),
         run_params={"confidence_window": group},

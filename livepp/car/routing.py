@@ -45,7 +45,7 @@ class LongRoute(Protocol):
 
 
 def _run(engine: Engine, prompt: str, params: GenerationParams, sinks: Sequence[Sink], policies: Sequence[Any] = ()) -> Result:
-    return Monitor(policies=policies, sinks=sinks).run(engine.open(prompt, params), model=engine.name, params=params.to_dict())
+    return Monitor(policies=policies, sinks=sinks).run(engine.open(prompt, params), model=engine.name, params=params.to_dict(), engine=engine.kind)
 
 
 class StepByStep:

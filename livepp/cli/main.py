@@ -90,6 +90,7 @@ def generate(
     remote_api: str,
     api_key_env: str | None,
     timeout: float,
+    engine_kind: str,
     device: str,
     dtype: str,
 ) -> None:
@@ -128,7 +129,7 @@ def generate(
             engine: Any = source_from_options(remote, remote_model, api=remote_api, api_key_env=api_key_env, timeout=timeout)
             start_params = {"remote": remote, "api": remote_api}
         else:
-            engine = local_engine(model_path, device=device, dtype=dtype)
+            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
             start_params = {}
         if use_compile:
             from livepp.engines.torch.engine import TorchEngine
@@ -153,7 +154,7 @@ def generate(
         tracker = Tracker(window=window)
         settings = {"window": window, "ema_alpha": tracker.ema_alpha, "confidence_window": tracker.confidence_window}
         monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window))
-        monitor.run(engine.open(text, params), model=engine.name, params=params.to_dict() | settings | start_params)
+        monitor.run(engine.open(text, params), model=engine.name, params=params.to_dict() | settings | start_params, engine=engine.kind)
     except LiveppError as exc:
         _fail(str(exc), as_json=as_json, code=2)
     except KeyboardInterrupt:

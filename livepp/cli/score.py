@@ -104,7 +104,7 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
 @device_options
-def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, device, dtype) -> None:
+def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, engine_kind, device, dtype) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -147,6 +147,8 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
         jsonl = as_jsonl or (source is not None and source.endswith(".jsonl"))
         records = _records(text, source) if jsonl else None
 
+        if engine_kind == "llama.cpp":
+            raise LiveppError("score runs on the torch engine; --engine llama.cpp is not supported for scoring yet")
         from livepp.engines.torch.models import load_model
         from livepp.scoring.teacher_forced import score_target, score_text, score_text_lm_eval
 

@@ -37,7 +37,7 @@ __all__ = ["serve_cmd"]
               help="A longer prompt is prefilled this many tokens at a time, so running requests wait at most one chunk.")
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
-              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, device, dtype) -> None:
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, engine_kind, device, dtype) -> None:
     """Serve the live page at / , the websocket API at /ws and /healthz.
 
     \b
@@ -64,7 +64,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             engine: Any = source_from_options(remote, remote_model, api_key_env=api_key_env)
             name = f"{remote_model} at {remote}"
         else:
-            engine = local_engine(model_path, device=device, dtype=dtype)
+            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
             name = engine.name
         if max_batch is None:
             on_gpu = getattr(getattr(engine, "decoder", None), "device", None)

@@ -33,7 +33,7 @@ __all__ = ["think_cmd"]
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Every trace's events tagged \"sample\", then a vote line.")
 @device_options
-def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json, device, dtype) -> None:
+def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json, engine_kind, device, dtype) -> None:
     """Answer QUESTION by DeepConf: sample several reasoning traces as one
     batch, score each by its lowest group confidence, stop weak traces early
     (online) and take a confidence-weighted vote.
@@ -51,7 +51,7 @@ def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tok
         from livepp.car.deepconf import think
         from livepp.core.params import GenerationParams
 
-        engine = local_engine(model_path, device=device, dtype=dtype)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         sink: Any = _JsonTraces() if as_json else _Progress(traces)
         result = think(question, engine=engine, traces=traces, warmup=warmup, eta=eta, group=group, mode=mode, params=params,

@@ -23,7 +23,7 @@ class MonitoredBatch:
     ``sessions[i].tracker`` stays readable afterwards (e.g. DeepConf scores).
     """
 
-    def __init__(self, stream: BatchTokenStream, params: Sequence[GenerationParams], *, model: str,
+    def __init__(self, stream: BatchTokenStream, params: Sequence[GenerationParams], *, model: str, engine: str | None = None,
                  policies: Callable[[int], Sequence[Policy]], tracker_factory: Callable[[], Tracker] = Tracker,
                  run_params: dict[str, Any] | None = None, sample_offset: int = 0) -> None:
         self._events: list[tuple[int, Any]] = []
@@ -32,7 +32,8 @@ class MonitoredBatch:
         for i, (p, ids) in enumerate(zip(params, stream.prompt_token_ids)):
             monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory)
             row_params = p.to_dict() | dict(run_params or {}) | {"sample": sample_offset + i}
-            self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=list(policies(i))))
+            self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=list(policies(i)),
+                                                 engine=engine))
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         sessions, stream = self.sessions, self.stream

@@ -70,6 +70,7 @@ class StartEvent:
     prompt_token_ids: tuple[int, ...]
     params: dict[str, Any]
     type: Literal["start"] = "start"
+    engine: str | None = None  # "torch", "llama.cpp", "openai", ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ class Session:
     """
 
     def __init__(self, monitor: "Monitor", *, model: str, prompt_token_ids: Sequence[int], params: dict[str, Any] | None,
-                 policies: Sequence[Policy] | None = None) -> None:
+                 policies: Sequence[Policy] | None = None, engine: str | None = None) -> None:
         self.monitor = monitor
         self.policies = list(monitor.policies if policies is None else policies)
         self.result = Result()
@@ -64,7 +64,7 @@ class Session:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self.stopped_by_policy = False
-        self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {})))
+        self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {}), engine=engine))
 
     def _emit(self, event: Event) -> None:
         self.monitor._emit(event, self.result)
@@ -137,10 +137,10 @@ class Monitor:
             sink.emit(event)
 
     def session(self, *, model: str = "", prompt_token_ids: Sequence[int] = (), params: dict[str, Any] | None = None,
-                policies: Sequence[Policy] | None = None) -> Session:
+                policies: Sequence[Policy] | None = None, engine: str | None = None) -> Session:
         """Start a push-style run (see :class:`Session`); ``policies``
         overrides the monitor's own, e.g. one fresh set per batch row."""
-        return Session(self, model=model, prompt_token_ids=prompt_token_ids, params=params, policies=policies)
+        return Session(self, model=model, prompt_token_ids=prompt_token_ids, params=params, policies=policies, engine=engine)
 
     def run(
         self,
@@ -149,6 +149,7 @@ class Monitor:
         model: str = "",
         prompt_token_ids: Sequence[int] | None = None,
         params: dict[str, Any] | None = None,
+        engine: str | None = None,
     ) -> Result:
         """Run ``stream`` (a :class:`~livepp.core.stream.TokenStream`; wrap a
         plain iterable of records in a ``RecordStream``) to its end or a
@@ -157,7 +158,7 @@ class Monitor:
         cancelled server job), else "length". ``prompt_token_ids`` defaults
         to the stream's own."""
         ids = stream.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
-        session = self.session(model=model, prompt_token_ids=ids, params=params)
+        session = self.session(model=model, prompt_token_ids=ids, params=params, engine=engine)
         reason = "length"
         try:
             for record in stream:

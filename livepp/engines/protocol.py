@@ -7,7 +7,7 @@ the service, the command line and the Python API all talk to this protocol,
 so they run the same on the local torch engine, a remote OpenAI-compatible
 endpoint, or a scripted engine in a test.
 
-``serial`` says whether one thread at a time must drive the engine (a local
+``kind`` names the engine in every ``start`` event. ``serial`` says whether one thread at a time must drive the engine (a local
 model: the service puts every step of it through one runner) or whether
 streams are independent (a remote endpoint schedules its own requests).
 """
@@ -31,7 +31,8 @@ _ROLES = ("system", "user", "assistant", "developer", "tool")
 
 
 class Engine(Protocol):
-    name: str
+    name: str  # the model's name
+    kind: str  # the engine's: "torch", "llama.cpp", "openai", ...
     serial: bool
 
     def open(self, prompt: Prompt, params: GenerationParams) -> TokenStream: ...

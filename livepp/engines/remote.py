@@ -67,6 +67,7 @@ class OpenAIEngine:
     (not ``serial``); a batch runs its rows one request after another."""
 
     serial = False
+    kind = "openai"
 
     def __init__(
         self,

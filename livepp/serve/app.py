@@ -327,7 +327,7 @@ class LiveppServer:
         metrics = self.metrics.sink(job.id, "generate", job.accepted_at)
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink, metrics], keep_events=False)
         try:
-            monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32})
+            monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32}, engine=engine.kind)
         except Exception as exc:  # the end event (reason "error") is queued before this
             job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
 

@@ -187,7 +187,7 @@ class JobEngine:
 
     def __init__(self, engine: Engine, runner: ModelRunner, job: Job, *, on_queued: Callable[[int], None] | None = None) -> None:
         self.engine, self.runner, self.job = engine, runner, job
-        self.name = engine.name
+        self.name, self.kind = engine.name, engine.kind
         self.on_queued = on_queued
 
     def open(self, prompt: Prompt, params: GenerationParams) -> JobStream:

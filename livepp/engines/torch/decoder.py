@@ -27,10 +27,10 @@ from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt, chat_messages, check_prompt
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
-__all__ = ["Decoder", "PromptTooLong"]
+__all__ = ["Decoder", "PromptTooLong", "TextTracker", "encode_prompt", "token_record", "eos_ids_of"]
 
 
-def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+def eos_ids_of(loaded: LoadedModel) -> frozenset[int]:
     ids: set[int] = set()
     gen_cfg = getattr(loaded.model, "generation_config", None)
     for value in (getattr(gen_cfg, "eos_token_id", None), loaded.tokenizer.eos_token_id):
@@ -74,6 +74,22 @@ class TextTracker:
         return text, finish
 
 
+def encode_prompt(tok: Any, prompt: Prompt, *, raw: bool = False, name: str = "this model") -> list[int]:
+    """Token ids for a prompt: text gets the chat template (as one user
+    message) unless ``raw`` or the tokenizer has none; chat messages get the
+    chat template with the generation prompt."""
+    check_prompt(prompt)
+    has_template = bool(getattr(tok, "chat_template", None))
+    if not isinstance(prompt, str) and not has_template:
+        raise LiveppError(f"{name} has no chat template; give text, not chat messages")
+    if not isinstance(prompt, str) or (not raw and has_template):
+        ids = tok.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # some versions return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    return [int(i) for i in tok(prompt, add_special_tokens=True)["input_ids"]]
+
+
 def token_record(stats: Any, text: str, finish: str | None, alternatives: tuple[TopLogprob, ...]) -> TokenRecord:
     return TokenRecord(
         token_id=stats.token_id,
@@ -95,7 +111,7 @@ class Decoder:
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.context_length = loaded.context_length
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = eos_ids_of(loaded)
         # Every tensor the decoding path makes goes where the model is.
         self.device = loaded.model.device
         self._static_cache: Any = None
@@ -108,20 +124,7 @@ class Decoder:
 
     # ---- prompt -----------------------------------------------------------
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
-        """Token ids for a prompt: text gets the chat template (as one user
-        message) unless ``raw`` or the tokenizer has none; chat messages get
-        the chat template with the generation prompt."""
-        check_prompt(prompt)
-        tok = self.tokenizer
-        has_template = bool(getattr(tok, "chat_template", None))
-        if not isinstance(prompt, str) and not has_template:
-            raise LiveppError(f"{self.loaded.name} has no chat template; give text, not chat messages")
-        if not isinstance(prompt, str) or (not raw and has_template):
-            ids = tok.apply_chat_template(chat_messages(prompt), add_generation_prompt=True, tokenize=True)
-            if not isinstance(ids, list):  # some versions return a BatchEncoding
-                ids = ids["input_ids"]
-            return [int(i) for i in ids]
-        return [int(i) for i in tok(prompt, add_special_tokens=True)["input_ids"]]
+        return encode_prompt(self.tokenizer, prompt, raw=raw, name=self.loaded.name)
 
     def check(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
         """Reject what cannot run, before any compute."""

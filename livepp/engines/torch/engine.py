@@ -22,6 +22,7 @@ __all__ = ["TorchEngine", "torch_engine"]
 
 class TorchEngine:
     serial = True
+    kind = "torch"
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder

@@ -275,3 +275,30 @@ def _load(path: str | os.PathLike[str] | None, *, dtype: str, log: Callable[[str
         _convert_gguf(gguf, target, log)
     model, tokenizer = _load_hf_dir(target, dtype=dtype)
     return LoadedModel(model.eval(), tokenizer, name, str(gguf))
+
+
+def gguf_and_tokenizer(path: str | os.PathLike[str] | None) -> tuple[Path, Any, str]:
+    """A GGUF file (None: the embedded model), its Hugging Face tokenizer and
+    its name, for engines that run the GGUF itself (llama.cpp): the tokenizer
+    comes from the converted cache when there is one, else from the GGUF."""
+    if path is None:
+        gguf, name = default_model_path(), DEFAULT_MODEL_NAME
+    else:
+        gguf = Path(path).expanduser()
+        name = gguf.stem
+        if not gguf.is_file():
+            raise LiveppError(f"model file does not exist: {gguf}")
+        if gguf.suffix.lower() != ".gguf":
+            raise LiveppError(f"the llama.cpp engine runs .gguf files, not {gguf}")
+    _quiet_transformers()
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / f"{gguf.stem}-{_gguf_cache_key(gguf)}"
+    try:
+        if (target / "livepp.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(target, local_files_only=True)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, OSError) as exc:
+        raise LiveppError(f"cannot read the tokenizer of {gguf}: {exc}") from exc
+    return gguf, tokenizer, name

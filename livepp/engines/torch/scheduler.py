@@ -74,6 +74,7 @@ class Scheduler:
     Thread-safe; ``serial`` is False because it serializes the model itself."""
 
     serial = False
+    kind = "torch"
 
     def __init__(self, engine: TorchEngine, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256,
                  gather_s: float = 0.01) -> None:

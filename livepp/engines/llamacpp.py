@@ -1,0 +1,260 @@
+"""The llama.cpp engine: GGUF models at native speed, with the full per-token
+statistics of the torch engine.
+
+llama.cpp (through llama-cpp-python's low-level API) computes the logits;
+everything after them is livepp's own, shared with the torch engine: the
+full-vocabulary raw logprob, entropy, top-k and DeepConf confidence, and the
+sampling with the same parameters and seeded generators
+(:func:`~livepp.engines.torch.sampling.next_token_stats` on the logits, which
+are wrapped without a copy), the same text side (EOS, stop strings, UTF-8-safe
+incremental detokenization) and the Hugging Face tokenizer and chat template
+of the same GGUF, so prompts are the same token ids on both engines.
+
+Several sequences share one llama.cpp context (one sequence id per row): the
+distinct prompts are prefilled once each (rows that share a prompt copy its
+KV cells), then every step decodes one token for every active row in one
+``llama_decode``. A row that ends leaves at once (its cells are removed); a
+stream or batch that is closed computes nothing more.
+
+Prompt processing is batched (``n_batch`` tokens per decode) unless the
+engine is ``exact``: then every prompt token is its own decode, which makes
+the numbers equal a token-by-token teacher-forced llama.cpp evaluation (its
+batched kernels round differently; the README gives the figures).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from livepp.core.events import TokenRecord, TopLogprob
+from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
+from livepp.core.stream import RecordStream, RowBatch
+from livepp.engines.protocol import Prompt
+from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
+from livepp.engines.torch.decoder import encode_prompt
+
+__all__ = ["LlamaCppEngine", "LlamaContext", "llama_cpp_available"]
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _import_llama() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LiveppError("the llama.cpp engine needs llama-cpp-python: pip install 'livepp[llama]'") from None
+    return llama_cpp
+
+
+_silence: Any = None
+
+
+def _quiet(llama_cpp: Any) -> None:
+    """llama.cpp logs every load to stderr; livepp keeps its own output clean."""
+    global _silence
+    if _silence is None:
+        _silence = llama_cpp.llama_log_callback(lambda level, text, data: None)
+        llama_cpp.llama_log_set(_silence, ctypes.c_void_p(0))
+
+
+class LlamaContext:
+    """A GGUF model and one llama.cpp context with ``n_seq`` sequences."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_ctx: int = 0, n_seq: int = 16, n_batch: int = 512,
+                 n_threads: int | None = None, logits_all: bool = False) -> None:
+        llama_cpp = self.lib = _import_llama()
+        _quiet(llama_cpp)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(os.fsencode(path), mparams)
+        if not self.model:
+            raise LiveppError(f"llama.cpp cannot load {path}")
+        train_ctx = llama_cpp.llama_model_n_ctx_train(self.model)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx or min(train_ctx, 8192)
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True  # the sequences share all cells: any one may use the whole context
+        threads = n_threads or max(1, (os.cpu_count() or 1))
+        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise LiveppError(f"llama.cpp cannot create a context for {path}")
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_seq, self.n_batch = n_seq, n_batch
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, n_seq)
+        self.decode_calls = 0
+
+    def special_eos(self) -> set[int]:
+        ids = {self.lib.llama_vocab_eos(self.vocab), self.lib.llama_vocab_eot(self.vocab)}
+        return {i for i in ids if i >= 0}
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[torch.Tensor]:
+        """Decode ``(token, position, sequence, wants_logits)`` entries in one
+        ``llama_decode``; the logits of those that want them, as fp32 tensors."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i] = token
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = logits
+        b.n_tokens = len(entries)
+        rc = self.lib.llama_decode(self.ctx, b)
+        self.decode_calls += 1
+        if rc != 0:
+            raise LiveppError(f"llama_decode failed ({rc}): the context of {self.n_ctx} cells is full or the batch is invalid")
+        out = []
+        for i, entry in enumerate(entries):
+            if entry[3]:
+                ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+                # A copy: llama.cpp reuses its buffer at the next decode.
+                out.append(torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()))
+        return out
+
+    def prefill(self, prompt: Sequence[int], seq: int, *, exact: bool) -> torch.Tensor:
+        """Process a prompt into ``seq``; the next-token logits."""
+        step = 1 if exact else self.n_batch
+        logits: list[torch.Tensor] = []
+        for start in range(0, len(prompt), step):
+            chunk = prompt[start : start + step]
+            last = start + len(chunk) == len(prompt)
+            logits = self.decode([(t, start + k, seq, last and k == len(chunk) - 1) for k, t in enumerate(chunk)])
+        return logits[0]
+
+    def forget(self, seq: int) -> None:
+        self.lib.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def copy(self, src: int, dst: int) -> None:
+        self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lib.llama_batch_free(self.batch)
+            self.lib.llama_free(self.ctx)
+            self.lib.llama_model_free(self.model)
+            self.ctx = None
+
+
+class LlamaCppEngine:
+    """The engine protocol on llama.cpp (see the module docstring). Serial:
+    one batch or stream at a time (the service runs it through its runner)."""
+
+    serial = True
+    kind = "llama.cpp"
+    device = torch.device("cpu")
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, n_ctx: int = 0, max_rows: int = 16, exact: bool = False,
+                 n_threads: int | None = None) -> None:
+        from livepp.engines.torch.models import gguf_and_tokenizer
+
+        gguf, self.tokenizer, self.name = gguf_and_tokenizer(path)
+        self.path = str(gguf)
+        self.llama = LlamaContext(gguf, n_ctx=n_ctx, n_seq=max_rows, n_threads=n_threads)
+        self.context_length = self.llama.n_ctx
+        self.max_rows, self.exact = max_rows, exact
+        eos = {self.tokenizer.eos_token_id} if isinstance(self.tokenizer.eos_token_id, int) else set()
+        self.eos_ids = frozenset(eos | self.llama.special_eos())
+        self._busy = False
+
+    # ---- what the shared text side and sampler ask of an engine -------------
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, raw=raw, name=self.name)
+
+    def check(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
+        if not prompt_ids:
+            raise LiveppError("the prompt has no tokens")
+        if len(prompt_ids) >= self.context_length:
+            raise PromptTooLong(f"the prompt has {len(prompt_ids)} tokens but the llama.cpp context is {self.context_length} "
+                                "tokens (at least one must be left to generate)")
+
+    def _alternatives(self, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
+        decode = self.tokenizer.decode
+        return tuple(TopLogprob(i, decode([i]), lp) for i, lp in top)
+
+    # ---- the engine protocol ---------------------------------------------------
+    def open(self, prompt: Prompt, params: GenerationParams) -> RecordStream:
+        batch = self.open_batch([prompt], [params])
+        return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close)
+
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "LlamaBatch":
+        if len(prompts) != len(params):
+            raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
+        if len(prompts) > self.max_rows:
+            raise LiveppError(f"this llama.cpp engine decodes at most {self.max_rows} rows at once, got {len(prompts)}")
+        ids: dict[tuple[str, bool], tuple[int, ...]] = {}
+        requests = []
+        for prompt, p in zip(prompts, params):
+            key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
+            if key not in ids:
+                ids[key] = tuple(self.encode(prompt, raw=p.raw))
+            requests.append(BatchRequest(ids[key], p))
+        rows = [new_row(self, i, r) for i, r in enumerate(requests)]  # validates before any compute
+        return LlamaBatch(self, rows)
+
+    def close(self) -> None:
+        self.llama.close()
+
+
+class LlamaBatch(RowBatch):
+    """Rows decoded together in one llama.cpp context, one decode per step."""
+
+    def __init__(self, engine: LlamaCppEngine, rows: list[Row]) -> None:
+        self.engine, self.rows = engine, rows
+        super().__init__([r.request.prompt_ids for r in rows])
+
+    def _run(self) -> Iterator[tuple[int, TokenRecord]]:
+        engine, llama = self.engine, self.engine.llama
+        if engine._busy:
+            raise LiveppError("the llama.cpp engine runs one stream or batch at a time; close the other one first")
+        engine._busy = True
+        try:
+            llama.clear()
+            first: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}
+            logits = []
+            for r in self.rows:
+                prompt = r.request.prompt_ids
+                if prompt not in first:
+                    first[prompt] = (r.index, llama.prefill(prompt, r.index, exact=engine.exact))
+                else:
+                    llama.copy(first[prompt][0], r.index)  # N samples of one prompt share its prefill
+                logits.append(first[prompt][1])
+            active = list(self.rows)
+            while active:
+                for r, record in zip(active, sample_rows(engine, active, logits)):
+                    if r.finish is not None:
+                        self.finish_reasons[r.index] = r.finish
+                    yield r.index, record
+                for i, reason in self._stopped.items():
+                    if self.finish_reasons[i] is None:
+                        self.finish_reasons[i] = reason
+                    self.rows[i].done = True
+                self._stopped.clear()
+                for r in active:
+                    if r.done:
+                        llama.forget(r.index)  # the row leaves: its cells are freed
+                active = [r for r in active if not r.done]
+                if not active:
+                    return
+                logits = llama.decode([(r.last_token, r.position, r.index, True) for r in active])
+                for r in active:
+                    r.position += 1
+        finally:
+            llama.clear()
+            engine._busy = False
