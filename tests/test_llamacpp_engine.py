@@ -1,0 +1,139 @@
+"""The llama.cpp engine on the embedded GGUF: its numbers against llama.cpp's
+own teacher-forced evaluation and greedy completion, against the torch
+engine, batching, and closing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from livepp.api import generate_many
+from livepp.cli.main import main
+from livepp.core.monitor import Monitor
+from livepp.core.params import GenerationParams
+from livepp.engines.llamacpp import LlamaContext, LlamaCppEngine
+from livepp.engines.torch.engine import TorchEngine
+
+pytestmark = pytest.mark.model
+
+PROMPTS = ["Tell me about owls.", "What is 2+2?", "Write a haiku about rain.", "Name three colours.", "Why is the sky blue?"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    engine = LlamaCppEngine()
+    yield engine
+    engine.close()
+
+
+def teacher_forced(path: str, ids: list[int], n_prompt: int, *, token_by_token: bool) -> list[float]:
+    """llama.cpp's own logprobs of ids[n_prompt:] given what comes before,
+    in a fresh context: every token its own decode, or the prompt batched."""
+    ctx = LlamaContext(path, n_seq=1)
+    try:
+        if token_by_token:
+            logits = [lg for pos, t in enumerate(ids[:-1]) for lg in ctx.decode([(t, pos, 0, pos >= n_prompt - 1)])]
+        else:
+            logits = [ctx.prefill(ids[:n_prompt], 0, exact=False)]
+            logits += [ctx.decode([(ids[pos], pos, 0, True)])[0] for pos in range(n_prompt, len(ids) - 1)]
+    finally:
+        ctx.close()
+    return [torch.log_softmax(lg.double(), -1)[ids[n_prompt + k]].item() for k, lg in enumerate(logits)]
+
+
+def run(engine, prompt: str, **params):
+    return Monitor().run(engine.open(prompt, GenerationParams(**params)))
+
+
+def test_streamed_logprobs_equal_llamacpps_token_by_token_evaluation(llama):
+    exact = LlamaCppEngine(exact=True)
+    try:
+        for engine in (exact, llama):
+            r = run(engine, PROMPTS[0], max_new_tokens=24, ignore_eos=True, temperature=0.8, seed=5)
+            n_prompt = len(r.events[0].prompt_token_ids)
+            want = teacher_forced(llama.path, list(r.events[0].prompt_token_ids) + r.token_ids, n_prompt, token_by_token=True)
+            diff = np.abs(np.array([t.logprob for t in r.tokens]) - np.array(want))
+            print(f"{'exact' if engine.exact else 'batched'} prompt processing vs token-by-token teacher forcing: "
+                  f"max {diff.max():.2e}, median {np.median(diff):.2e} nats")
+            if engine.exact:
+                assert diff.max() <= 1e-4
+            else:
+                # llama.cpp's batched prompt kernels may round differently (up to ~0.16 nats measured on long prompts)
+                assert diff.max() <= 0.3
+    finally:
+        exact.close()
+
+
+def test_greedy_ids_equal_llamacpps_own_greedy_completion(llama):
+    from llama_cpp import Llama
+
+    r = run(llama, PROMPTS[1], max_new_tokens=24, ignore_eos=True)
+    ids = list(r.events[0].prompt_token_ids)
+    own = Llama(llama.path, n_ctx=2048, verbose=False)
+    try:
+        theirs = []
+        for token in own.generate(ids, temp=0.0, top_k=1, reset=True):
+            theirs.append(token)
+            if len(theirs) == 24:
+                break
+    finally:
+        own.close()
+    assert r.token_ids == theirs
+
+
+def test_logprobs_agree_with_the_torch_engine_on_the_same_tokens(decoder, llama):
+    """Q4_1 kernels in llama.cpp vs the same weights dequantized to fp32 in torch."""
+    torch_engine = TorchEngine(decoder)
+    worst, ppl_ratios = 0.0, []
+    for prompt in PROMPTS:
+        r = run(torch_engine, prompt, max_new_tokens=24, ignore_eos=True)
+        n_prompt = len(r.events[0].prompt_token_ids)
+        assert list(r.events[0].prompt_token_ids) == llama.encode(prompt)  # one tokenizer, one chat template
+        theirs = teacher_forced(llama.path, list(r.events[0].prompt_token_ids) + r.token_ids, n_prompt, token_by_token=False)
+        diff = np.abs(np.array([t.logprob for t in r.tokens]) - np.array(theirs))
+        worst = max(worst, diff.max())
+        assert diff.mean() <= 0.08
+        ppl_ratios.append(float(np.exp(-np.mean(theirs))) / r.end.ppl)
+    print(f"largest per-token difference {worst:.3f} nats; PPL ratios llama.cpp/torch {[round(x, 4) for x in ppl_ratios]}")
+    assert worst <= 0.35
+    assert all(abs(x - 1) <= 0.03 for x in ppl_ratios)
+
+
+def test_closing_the_stream_stops_decoding(llama):
+    stream = llama.open(PROMPTS[0], GenerationParams(max_new_tokens=50, ignore_eos=True))
+    before = llama.llama.decode_calls
+    records = [next(stream) for _ in range(3)]
+    after_three = llama.llama.decode_calls
+    stream.close()
+    assert len(records) == 3
+    assert after_three - before == 1 + 2  # the prompt in one batch, then one decode per further token
+    run(llama, PROMPTS[1], max_new_tokens=2)  # the engine is free again
+    assert llama.llama.decode_calls == after_three + 1 + 1
+
+
+def test_batch_rows_equal_their_single_sequence_runs(llama):
+    params = GenerationParams(max_new_tokens=16, ignore_eos=True, temperature=0.8, seed=2)
+    alone = [run(llama, p, max_new_tokens=16, ignore_eos=True, temperature=0.8, seed=2) for p in PROMPTS[:3]]
+    before = llama.llama.decode_calls
+    many = generate_many(PROMPTS[:3], model=llama, params=params)
+    assert llama.llama.decode_calls - before == 3 + 15  # three prefills, then one decode per step for all rows
+    for a, m in zip(alone, many):
+        assert a.token_ids == m.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.tokens, m.tokens)) <= 1e-4
+    # N samples of one prompt share its prefill
+    before = llama.llama.decode_calls
+    generate_many([PROMPTS[0]], n=3, model=llama, params=params)
+    assert llama.llama.decode_calls - before == 1 + 15
+
+
+def test_cli_engine_llamacpp_names_the_engine():
+    r = CliRunner().invoke(main, ["generate", "What is 2+2?", "--engine", "llama.cpp", "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    events = [json.loads(x) for x in r.stdout.splitlines()]
+    assert events[0]["engine"] == "llama.cpp" and events[-1]["type"] == "end"
+    r = CliRunner().invoke(main, ["generate", "hi", "--engine", "llama.cpp", "--device", "cuda"])
+    assert r.exit_code == 2 and "runs the .gguf's own weights on the CPU" in r.output
