@@ -137,3 +137,27 @@ def test_cli_engine_llamacpp_names_the_engine():
     assert events[0]["engine"] == "llama.cpp" and events[-1]["type"] == "end"
     r = CliRunner().invoke(main, ["generate", "hi", "--engine", "llama.cpp", "--device", "cuda"])
     assert r.exit_code == 2 and "runs the .gguf's own weights on the CPU" in r.output
+
+
+def test_score_on_llamacpp_batched_and_exact_paths_and_against_torch(loaded, llama):
+    from livepp.scoring.teacher_forced import score_text
+
+    text = open("/usr/share/common-licenses/GPL-3").read()[:1500]
+    torch_result = score_text(loaded, text)
+    batched = score_text(llama, text)
+    exact_engine = LlamaCppEngine(exact=True)
+    try:
+        exact = score_text(exact_engine, text)
+    finally:
+        exact_engine.close()
+    full = loaded.tokenizer(text)["input_ids"]
+    first = len(full) - len(exact.tokens)  # the positions scored are the last ones
+    # --exact equals llama.cpp's token-by-token teacher forcing
+    want = teacher_forced(llama.path, full, first, token_by_token=True)
+    lx, lb = np.array([t.logprob for t in exact.tokens]), np.array([t.logprob for t in batched.tokens])
+    assert np.abs(lx - np.array(want)).max() <= 1e-4
+    d = np.abs(lb - lx)
+    print(f"{len(exact.tokens)} tokens: batched vs token-by-token llama.cpp: median {np.median(d):.3f}, max {d.max():.3f} nats; "
+          f"PPL torch {torch_result.ppl:.4f}, llama.cpp batched {batched.ppl:.4f}, exact {exact.ppl:.4f}")
+    assert batched.ppl == pytest.approx(torch_result.ppl, rel=0.01)
+    assert exact.ppl == pytest.approx(torch_result.ppl, rel=0.01)

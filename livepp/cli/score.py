@@ -103,8 +103,11 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--prefix-token", default=None, metavar="bos|eos|ID", help="lm-eval: the token before the text (default: BOS, else EOS).")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
+@click.option("--exact", is_flag=True, help="--engine llama.cpp: decode every token on its own (slower), which equals llama.cpp's "
+              "token-by-token evaluation; by default windows are processed in batches, whose kernels may round differently.")
 @device_options
-def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, engine_kind, device, dtype) -> None:
+def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, exact,
+          engine_kind, device, dtype) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -147,23 +150,42 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
         jsonl = as_jsonl or (source is not None and source.endswith(".jsonl"))
         records = _records(text, source) if jsonl else None
 
-        if engine_kind == "llama.cpp":
-            raise LiveppError("score runs on the torch engine; --engine llama.cpp is not supported for scoring yet")
-        from livepp.engines.torch.models import load_model
         from livepp.scoring.teacher_forced import score_target, score_text, score_text_lm_eval
 
-        loaded = load_model(model_path, device=device, dtype=dtype)
+        if engine_kind == "auto":
+            from livepp.engines.llamacpp import llama_cpp_available
+
+            gguf = model_path is None or str(model_path).lower().endswith(".gguf")
+            engine_kind = "llama.cpp" if gguf and llama_cpp_available() else "torch"
+        if exact and engine_kind != "llama.cpp":
+            raise LiveppError("--exact is for --engine llama.cpp (the torch engine has one path)")
+        if engine_kind == "llama.cpp":
+            from livepp.engines.llamacpp import LlamaCppEngine
+
+            if device not in ("auto", "cpu") or dtype not in ("auto", "float32"):
+                raise LiveppError("--engine llama.cpp runs the .gguf's own weights on the CPU: no --device or --dtype")
+            loaded: Any = LlamaCppEngine(model_path, exact=exact)
+            path_note = loaded.scoring_path
+        else:
+            from livepp.engines.torch.models import load_model
+
+            loaded = load_model(model_path, device=device, dtype=dtype)
+            path_note = None
         progress = _Progress()
         options |= dict(progress=progress.advance, on_plan=progress.plan)
 
         def one(rec: dict[str, Any]) -> Any:
             try:
                 if "prompt" in rec:
-                    return score_target(loaded, rec["prompt"], rec["target"], chat=chat, **options)
-                if convention == "lm-eval":
+                    result = score_target(loaded, rec["prompt"], rec["target"], chat=chat, **options)
+                elif convention == "lm-eval":
                     opts = {k: v for k, v in options.items() if k != "stride"}
-                    return score_text_lm_eval(loaded, rec["text"], prefix_token=prefix, **opts)
-                return score_text(loaded, rec["text"], **options)
+                    result = score_text_lm_eval(loaded, rec["text"], prefix_token=prefix, **opts)
+                else:
+                    result = score_text(loaded, rec["text"], **options)
+                if path_note:
+                    result.notes.append(path_note)  # which llama.cpp path made the numbers
+                return result
             finally:
                 progress.close()
 

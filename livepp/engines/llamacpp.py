@@ -208,6 +208,29 @@ class LlamaCppEngine:
         rows = [new_row(self, i, r) for i, r in enumerate(requests)]  # validates before any compute
         return LlamaBatch(self, rows)
 
+    # ---- teacher-forced scoring (livepp score --engine llama.cpp) ------------
+    @property
+    def scoring_path(self) -> str:
+        return ("llama.cpp logits, every token its own decode (exact: equals llama.cpp's token-by-token evaluation)" if self.exact else
+                f"llama.cpp logits, {self.llama.n_batch} tokens per decode (its batched kernels may round differently from "
+                "token-by-token decoding; --exact decodes token by token)")
+
+    def window_logits(self, rows: Sequence[Sequence[int]], keep: int) -> torch.Tensor:
+        """Teacher-forced logits of the last ``keep`` positions of each row: [rows, keep, V]."""
+        if self._busy:
+            raise LiveppError("the llama.cpp engine is busy with a stream; close it before scoring")
+        llama, out = self.llama, []
+        step = 1 if self.exact else llama.n_batch
+        for row in rows:
+            llama.clear()
+            first, logits = len(row) - keep, []
+            for start in range(0, len(row), step):
+                chunk = row[start : start + step]
+                logits += llama.decode([(t, start + k, 0, start + k >= first) for k, t in enumerate(chunk)])
+            out.append(torch.stack(logits))
+        llama.clear()
+        return torch.stack(out)
+
     def close(self) -> None:
         self.llama.close()
 

@@ -210,7 +210,7 @@ def _score_windows(
     progress: Callable[[int], None] | None,
 ) -> dict[int, tuple[float, float]]:
     """{position: (logprob, entropy)} for every scored position of every window."""
-    model = loaded.model
+    model = getattr(loaded, "model", None)
     out: dict[int, tuple[float, float]] = {}
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
@@ -224,7 +224,10 @@ def _score_windows(
         # Right padding needs no attention mask: under causal attention real
         # positions never see the pad tokens that come after them.
         rows = [ids[w.begin : w.end - 1] + [0] * (length - (w.end - 1 - w.begin)) for w in batch]
-        logits = model(input_ids=torch.tensor(rows, device=model.device), use_cache=False, logits_to_keep=keep).logits
+        if isinstance(loaded, LoadedModel):
+            logits = model(input_ids=torch.tensor(rows, device=model.device), use_cache=False, logits_to_keep=keep).logits
+        else:  # another engine's teacher-forced logits (llama.cpp): [rows, keep, V]
+            logits = loaded.window_logits(rows, keep)
         for row, w in enumerate(batch):
             lo = (w.score_from - 1 - w.begin) - first_needed
             hi = (w.end - 1 - w.begin) - first_needed
