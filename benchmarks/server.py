@@ -1,6 +1,6 @@
 """Server latency and throughput against in-process batches, from one run.
 
-    python benchmarks/server.py [--tokens 32] [--clients 1,4,8]
+    python benchmarks/server.py [--tokens 32] [--clients 1,4,8] [--engine torch|llama.cpp]
 
 For each N: the in-process baseline decodes N monitored requests as one
 batch (``stream_many``: no server, no websocket); then real `livepp serve`
@@ -20,6 +20,7 @@ import json
 import statistics
 import threading
 import time
+from typing import Any
 
 from websockets.sync.client import connect
 
@@ -29,7 +30,7 @@ from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 PROMPT = "Write a long story about a cat who learns to sail."
 
 
-def in_process(decoder: Decoder, clients: int, n: int) -> tuple[float, float]:
+def in_process(decoder: Any, clients: int, n: int) -> tuple[float, float]:
     """N requests as one in-process batch with full monitoring."""
     t = time.perf_counter()
     first: dict[int, float] = {}
@@ -70,7 +71,7 @@ def run_clients(port: int, clients: int, n: int) -> tuple[float, float]:
 class Served:
     """A real server in a thread, on an ephemeral port."""
 
-    def __init__(self, decoder: Decoder, max_batch: int) -> None:
+    def __init__(self, decoder: Any, max_batch: int) -> None:
         self.server = LiveppServer(decoder, ServerConfig(port=0, max_batch=max_batch, max_queue=16))
         ready = threading.Event()
 
@@ -91,13 +92,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,4,8")
+    ap.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
     args = ap.parse_args()
-    decoder = Decoder(load_model())
+    if args.engine == "llama.cpp":
+        from livepp.engines.llamacpp import LlamaCppEngine
+
+        # A served llama.cpp engine belongs to its server's scheduler: one each.
+        decoder, for_batched, for_fifo = LlamaCppEngine(), LlamaCppEngine(), LlamaCppEngine()
+    else:
+        decoder = for_batched = for_fifo = Decoder(load_model())
     in_process(decoder, 2, 4)  # warm-up
-    batched, fifo = Served(decoder, 8), Served(decoder, 1)
+    batched, fifo = Served(for_batched, 8), Served(for_fifo, 1)
     run_clients(batched.port, 2, 4)  # warm-up
 
-    print(f"{args.tokens} greedy tokens per request, embedded model, loopback, full monitoring everywhere\n")
+    print(f"{args.tokens} greedy tokens per request, embedded model on the {args.engine} engine, loopback, full monitoring everywhere\n")
     print(f"  {'setup':<34} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process batch':>20} {'vs 1 client':>12}")
     one: tuple[float, float] | None = None
     for clients in [int(c) for c in args.clients.split(",")]:

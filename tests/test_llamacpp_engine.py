@@ -161,3 +161,34 @@ def test_score_on_llamacpp_batched_and_exact_paths_and_against_torch(loaded, lla
           f"PPL torch {torch_result.ppl:.4f}, llama.cpp batched {batched.ppl:.4f}, exact {exact.ppl:.4f}")
     assert batched.ppl == pytest.approx(torch_result.ppl, rel=0.01)
     assert exact.ppl == pytest.approx(torch_result.ppl, rel=0.01)
+
+
+def test_the_service_batches_llamacpp_requests_and_each_equals_its_run_alone(llama):
+    import threading
+
+    from test_continuous_batching import client, tokens
+    from test_server import RunningServer
+
+    served = LlamaCppEngine()
+    s = RunningServer(served, max_batch=4)
+    params = [{"max_new_tokens": 16, "ignore_eos": True} if i % 2 == 0 else
+              {"max_new_tokens": 16, "ignore_eos": True, "temperature": 0.8, "seed": 7 + i} for i in range(4)]
+    out: dict = {}
+    start = threading.Event()
+    threads = [threading.Thread(target=client, args=(s.url, f"c{i}", PROMPTS[i], params[i], out, start)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        start.set()
+        for t in threads:
+            t.join(120)
+        assert s.server.scheduler.peak_batch >= 3 and s.server.scheduler.kind == "llama.cpp"
+    finally:
+        s.stop()
+        served.close()
+    for i in range(4):
+        alone = run(llama, PROMPTS[i], **params[i])
+        got_ids, got_lps = tokens(out[f"c{i}"])
+        assert got_ids == alone.token_ids, f"client {i}"
+        assert max(abs(a - b.logprob) for a, b in zip(got_lps, alone.tokens)) <= 1e-4
+        assert out[f"c{i}"][0]["engine"] == "llama.cpp"

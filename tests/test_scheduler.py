@@ -12,7 +12,7 @@ from livepp.core.monitor import Monitor
 from livepp.core.params import GenerationParams
 from livepp.core.policies import EarlyStop
 from livepp.engines.torch.engine import TorchEngine
-from livepp.engines.torch.scheduler import Scheduler
+from livepp.engines.scheduler import Scheduler
 
 pytestmark = pytest.mark.model
 

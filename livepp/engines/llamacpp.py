@@ -38,7 +38,7 @@ from livepp.engines.protocol import Prompt
 from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
 from livepp.engines.torch.decoder import encode_prompt
 
-__all__ = ["LlamaCppEngine", "LlamaContext", "llama_cpp_available"]
+__all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
 
 
 def llama_cpp_available() -> bool:
@@ -281,3 +281,86 @@ class LlamaBatch(RowBatch):
         finally:
             llama.clear()
             engine._busy = False
+
+
+class LlamaBackend:
+    """The llama.cpp engine's side of continuous batching (the service's
+    scheduler): every row is a sequence of the one context; a new row is
+    prefilled into a free sequence id and joins at the next step; a row that
+    leaves frees its cells and its id. The scheduler owns the context."""
+
+    def __init__(self, engine: LlamaCppEngine) -> None:
+        if engine._busy:
+            raise LiveppError("the llama.cpp engine is busy with a stream")
+        engine._busy = True  # from now on only the scheduler decodes
+        self.engine, self.name, self.kind = engine, engine.name, engine.kind
+        self.text, self.llama = engine, engine.llama
+        self.reset()
+
+    def encode(self, prompt: Any, *, raw: bool) -> list[int]:
+        return self.engine.encode(prompt, raw=raw)
+
+    def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Any]:
+        """One callable per decode; the last returns each row's next-token logits."""
+        seqs = self._pending = [self._free.pop(0) for _ in rows]
+        step = 1 if self.engine.exact else min(chunk, self.llama.n_batch)
+        first: dict[tuple[int, ...], int] = {}
+        logits_of: dict[int, Any] = {}
+        work = []
+        for r, seq in zip(rows, seqs):
+            prompt = r.request.prompt_ids
+            if prompt in first:
+                continue
+            first[prompt] = seq
+            for start in range(0, len(prompt), step):
+                work.append((prompt, seq, start, min(start + step, len(prompt))))
+
+        def run(prompt: tuple[int, ...], seq: int, start: int, end: int, last: bool) -> Any:
+            out = self.llama.decode([(prompt[k], k, seq, k == len(prompt) - 1) for k in range(start, end)])
+            if out:
+                logits_of[seq] = out[0]
+            if not last:
+                return None
+            result = []
+            for r, seq_r in zip(rows, seqs):
+                src = first[r.request.prompt_ids]
+                if src != seq_r:
+                    self.llama.copy(src, seq_r)  # N samples of one prompt share its prefill
+                result.append(logits_of[src])
+            return result
+
+        for i, (prompt, seq, start, end) in enumerate(work):
+            yield (lambda a=(prompt, seq, start, end, i == len(work) - 1): run(*a))
+
+    def join(self, keep: list[int]) -> None:
+        for k, seq in enumerate(self._pending):
+            if k in keep:
+                self._active.append(seq)
+            else:
+                self._leave(seq)
+        self._pending = []
+
+    def step(self, rows: Sequence[Row]) -> Any:
+        return self.llama.decode([(r.last_token, r.position, seq, True) for r, seq in zip(rows, self._active)])
+
+    def keep(self, keep: list[int]) -> None:
+        kept = set(keep)
+        for k, seq in enumerate(self._active):
+            if k not in kept:
+                self._leave(seq)
+        self._active = [self._active[k] for k in keep]
+
+    def _leave(self, seq: int) -> None:
+        self.llama.forget(seq)
+        self._free.append(seq)
+
+    def close(self) -> None:
+        self.reset()
+        self.engine._busy = False
+
+    def reset(self) -> None:
+        self.llama.clear()
+        self._free = list(range(self.engine.max_rows))
+        self._active: list[int] = []
+        self._pending: list[int] = []
+

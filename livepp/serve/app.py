@@ -1,7 +1,7 @@
 """`livepp serve`: a websocket endpoint, a live page, health, status and metrics.
 
-One model per process. A local torch model runs behind a continuous-batching
-:class:`~livepp.engines.torch.scheduler.Scheduler` (``max_batch`` rows in one
+One model per process. A local model (torch or llama.cpp) runs behind a continuous-batching
+:class:`~livepp.engines.scheduler.Scheduler` (``max_batch`` rows in one
 forward pass per step, a bounded queue beyond); with ``max_batch`` 1, or a
 serial engine of another kind, every model step goes through one FIFO
 :class:`ModelRunner` instead. Each request runs its own monitor (tracker,
@@ -112,13 +112,13 @@ class LiveppServer:
         engine = as_engine(engine)
         self.config = config
         self.scheduler: Any = None
-        torch_engine = sys.modules.get("livepp.engines.torch.engine")
-        if torch_engine is not None and isinstance(engine, torch_engine.TorchEngine) and config.max_batch > 1:
-            from livepp.engines.torch.scheduler import Scheduler
+        if config.max_batch > 1 and engine.serial:
+            from livepp.engines.scheduler import Scheduler, supports_continuous_batching
 
-            self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
-                                       prefill_chunk=config.prefill_chunk)
-            engine = self.scheduler
+            if supports_continuous_batching(engine):  # a local torch or llama.cpp engine
+                self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
+                                           prefill_chunk=config.prefill_chunk)
+                engine = self.scheduler
         self.engine = engine
         self.metrics = ServerMetrics(self.status)
         self.runner = ModelRunner()

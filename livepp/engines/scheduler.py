@@ -1,5 +1,7 @@
-"""Continuous batching: one thread owns the torch engine and steps every
-active row in one forward pass.
+"""Continuous batching: one thread owns a local engine and steps every
+active row in one forward pass (the torch engine: one shared KV cache,
+``engines/torch/continuous.py``; llama.cpp: one sequence per row of one
+context, ``engines/llamacpp.py``).
 
 Streams are opened from any thread (:meth:`Scheduler.open`, and
 :meth:`Scheduler.open_batch` for N rows read together, e.g. DeepConf traces).
@@ -7,10 +9,9 @@ A new row waits in a bounded queue until the batch has room, is prefilled
 (prompts up to ``prefill_chunk`` tokens together in one padded pass; a longer
 prompt alone, one chunk per turn, so running rows wait at most one chunk),
 delivers its first token, and joins the shared batch at the next step: its KV
-cache rows are left-padded to the batch's length and stacked onto it. A row
+cache joins the batch's. A row
 that ends (EOS, stop string, length) or whose consumer closes it (a policy
-stop, a cancel, a disconnect) leaves the batch before the next step, and
-columns that only padding still uses are trimmed away.
+stop, a cancel, a disconnect) leaves the batch before the next step.
 
 Steps are in lockstep with the consumers: a step runs once every active
 row's consumer has taken its last record and asked for the next one (or has
@@ -22,7 +23,6 @@ the rounding of padded kernels (the tests check ≤ 1e-4).
 
 from __future__ import annotations
 
-import functools
 import sys
 import threading
 import time
@@ -31,16 +31,41 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import torch
-import torch.nn.functional as F
-
 from livepp.core.events import TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import BatchDecoder, BatchRequest, Row, new_row, sample_rows
-from livepp.engines.torch.engine import TorchEngine
+from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
 
-__all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch"]
+__all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
+
+
+def _local_kind(engine: Any) -> str | None:
+    """"torch" or "llama.cpp" for a local engine the scheduler can batch, else None
+    (a module not yet imported cannot have made ``engine``: torch is never imported here)."""
+    torch_mod, llama_mod = sys.modules.get("livepp.engines.torch.engine"), sys.modules.get("livepp.engines.llamacpp")
+    if torch_mod is not None and isinstance(engine, torch_mod.TorchEngine):
+        return "torch"
+    if llama_mod is not None and isinstance(engine, llama_mod.LlamaCppEngine):
+        return "llama.cpp"
+    return None
+
+
+def supports_continuous_batching(engine: Any) -> bool:
+    return _local_kind(engine) is not None
+
+
+def backend_for(engine: Any) -> Any:
+    """The continuous-batching side of a local engine, or None if it has none."""
+    kind = _local_kind(engine)
+    if kind == "torch":
+        from livepp.engines.torch.continuous import TorchBackend
+
+        return TorchBackend(engine)
+    if kind == "llama.cpp":
+        from livepp.engines.llamacpp import LlamaBackend
+
+        return LlamaBackend(engine)
+    return None
 
 
 class _Channel:
@@ -70,34 +95,35 @@ class _Slot:
 
 
 class Scheduler:
-    """The torch engine behind a continuous batch (see the module docstring).
+    """A local engine behind a continuous batch (see the module docstring).
     Thread-safe; ``serial`` is False because it serializes the model itself."""
 
     serial = False
-    kind = "torch"
 
-    def __init__(self, engine: TorchEngine, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256,
+    def __init__(self, engine: Any, *, max_batch: int = 8, max_queue: int = 24, prefill_chunk: int = 256,
                  gather_s: float = 0.01) -> None:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise LiveppError(f"need max_batch >= 1, max_queue >= 0, prefill_chunk >= 1; got {max_batch}, {max_queue}, {prefill_chunk}")
         self.engine = engine
-        self.name = engine.name
-        self.decoder = engine.decoder
-        self.batcher = BatchDecoder(engine.decoder)
+        if not supports_continuous_batching(engine):
+            raise LiveppError(f"continuous batching needs a local torch or llama.cpp engine, not {type(engine).__name__}")
+        limit = getattr(engine, "max_rows", None)  # llama.cpp: the context's sequences
+        if limit is not None and max_batch > limit:
+            raise LiveppError(f"--max-batch {max_batch} is above this engine's {limit} sequences")
+        self.backend = backend_for(engine)
+        self.name, self.kind = self.backend.name, self.backend.kind
+        self.text = self.backend.text  # the text side rows are made and sampled with
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         # An idle engine waits this long after the latest arrival (at most 5x
         # in all) before prefilling, so a burst of requests shares one prefill.
         self.gather_s = gather_s
         self._last_submit = 0.0
-        _check_full_attention(engine.decoder.model)
         self._cv = threading.Condition()
         self._tokenizer = threading.Lock()  # the tokenizer is shared by callers and the loop
         self._queue: deque[_Slot] = deque()
         self._prefill: list[_Slot] = []
         self._prefill_steps: Iterator[Any] | None = None
         self._active: list[_Slot] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.forward_passes = 0
@@ -129,6 +155,7 @@ class Scheduler:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join(30)
+        self.backend.close()  # the engine is its own again
 
     def _submit(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> _Channel:
         channel = _Channel()
@@ -137,8 +164,8 @@ class Scheduler:
             for prompt, p in zip(prompts, params):
                 key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
                 if key not in ids:
-                    ids[key] = tuple(self.decoder.encode(prompt, raw=p.raw))
-            rows = [new_row(self.decoder, i, BatchRequest(ids[(pr if isinstance(pr, str) else repr(list(pr)), p.raw)], p))
+                    ids[key] = tuple(self.backend.encode(prompt, raw=p.raw))
+            rows = [new_row(self.text, i, BatchRequest(ids[(pr if isinstance(pr, str) else repr(list(pr)), p.raw)], p))
                     for i, (pr, p) in enumerate(zip(prompts, params))]
         with self._cv:
             if self._stopping:
@@ -257,54 +284,28 @@ class Scheduler:
         first = self._queue[0]
         if len(first.row.request.prompt_ids) > self.prefill_chunk:
             group = [self._queue.popleft()]
-            self._prefill_steps = self._chunked_prefill(first.row.request.prompt_ids)
         else:
             group = []
             while self._queue and len(group) < room and len(self._queue[0].row.request.prompt_ids) <= self.prefill_chunk:
                 group.append(self._queue.popleft())
-            self._prefill_steps = iter([functools.partial(self.batcher._prefill, [s.row.request.prompt_ids for s in group])])
+        self._prefill_steps = iter(self.backend.prefill([s.row for s in group], self.prefill_chunk))
         self._prefill = group
-
-    def _chunked_prefill(self, prompt: Sequence[int]) -> Iterator[Any]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.decoder.model.config)
-        device = self.decoder.device
-        n, c = len(prompt), self.prefill_chunk
-        for start in range(0, n, c):
-            end = min(start + c, n)
-
-            def chunk(start: int = start, end: int = end) -> Any:
-                out = self.decoder.model(input_ids=torch.tensor([list(prompt[start:end])], device=device),
-                                         attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
-                                         position_ids=torch.arange(start, end, device=device)[None],
-                                         past_key_values=cache, use_cache=True, logits_to_keep=1)
-                return (out.logits[:, -1], cache, torch.ones((1, n), dtype=torch.long, device=device)) if end == n else None
-
-            yield chunk
 
     def _prefill_chunk(self) -> None:
         assert self._prefill_steps is not None
-        with torch.inference_mode():
-            result = next(self._prefill_steps)()
+        logits = next(self._prefill_steps)()
         self.forward_passes += 1
-        if result is None:
+        if logits is None:
             return  # more chunks to go; running rows step in between
         self._prefill_steps = None
-        logits, cache, mask = result
         group = self._prefill
         with self._tokenizer:
-            records = sample_rows(self.decoder, [s.row for s in group], logits)
+            records = sample_rows(self.text, [s.row for s in group], logits)
         with self._cv:
             keep = [k for k, s in enumerate(group) if not s.row.done and not s.cancelled]
             self._deliver(group, records)
-            if keep:
-                if len(keep) < len(group):
-                    index = torch.tensor(keep, device=mask.device)
-                    cache.batch_select_indices(index)
-                    mask = mask[index]
-                self._cache, self._mask = _stack(self._cache, self._mask, cache, mask)
-                self._active.extend(group[k] for k in keep)
+            self.backend.join(keep)
+            self._active.extend(group[k] for k in keep)
             self._prefill = []
 
     def _step(self) -> None:
@@ -319,15 +320,14 @@ class Scheduler:
             self._cv.notify_all()
         if not rows:
             return
-        with torch.inference_mode():
-            logits, self._mask = self.batcher._step(rows, self._cache, self._mask)
+        logits = self.backend.step(rows)
         self.forward_passes += 1
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         for r in rows:
             r.position += 1
         with self._tokenizer:
-            records = sample_rows(self.decoder, rows, logits)
+            records = sample_rows(self.text, rows, logits)
         with self._cv:
             self._deliver(self._active, records)
             keep = [k for k, s in enumerate(self._active) if not s.done]
@@ -345,21 +345,9 @@ class Scheduler:
         self._cv.notify_all()
 
     def _select(self, keep: list[int]) -> None:
-        """Keep only these active rows; drop cache columns only padding uses."""
+        """Keep only these active rows; the others leave the batch."""
         self._active = [self._active[k] for k in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        assert self._mask is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        used = self._mask.any(dim=0)
-        first = int(used.to(torch.int8).argmax())
-        if first > 0:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self._mask = self._mask[:, first:]
+        self.backend.keep(keep)
 
     def _fail_all(self, exc: BaseException, *, keep_queue: bool = False) -> None:
         slots = self._active + self._prefill + ([] if keep_queue else list(self._queue))
@@ -368,36 +356,10 @@ class Scheduler:
             if s.channel.error is None:
                 s.channel.error = exc
         self._active, self._prefill, self._prefill_steps = [], [], None
-        self._cache, self._mask = None, None
+        self.backend.reset()
         if not keep_queue:
             self._queue.clear()
         self._cv.notify_all()
-
-
-def _stack(cache_a: Any, mask_a: torch.Tensor | None, cache_b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """One batch from two: both left-padded to the longer one's length."""
-    if cache_a is None or mask_a is None:
-        return cache_b, mask_b
-    width = max(mask_a.shape[1], mask_b.shape[1])
-
-    def pad(x: torch.Tensor, length: int) -> torch.Tensor:
-        return F.pad(x, (0, 0, width - length, 0)) if width > length else x
-
-    la, lb = mask_a.shape[1], mask_b.shape[1]
-    for a, b in zip(cache_a.layers, cache_b.layers):
-        a.keys = torch.cat([pad(a.keys, la), pad(b.keys, lb)], dim=0)
-        a.values = torch.cat([pad(a.values, la), pad(b.values, lb)], dim=0)
-    mask = torch.cat([F.pad(mask_a, (width - la, 0)), F.pad(mask_b, (width - lb, 0))], dim=0)
-    return cache_a, mask
-
-
-def _check_full_attention(model: Any) -> None:
-    from transformers import DynamicCache
-
-    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if kinds - {"DynamicLayer"}:
-        raise LiveppError(f"continuous batching stacks full-attention KV caches; this model's cache has {sorted(kinds)} layers "
-                          "(serve it with --max-batch 1)")
 
 
 class ScheduledStream:
