@@ -21,7 +21,7 @@ from typing import Any, Mapping, Protocol, Sequence, Union
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import BatchTokenStream, TokenStream
 
-__all__ = ["Prompt", "Engine", "ModelLike", "as_engine", "check_prompt", "chat_messages"]
+__all__ = ["Prompt", "Engine", "ModelLike", "as_engine", "check_prompt", "chat_messages", "local_kind", "supports_continuous_batching"]
 
 # A prompt is text (a user message for chat models, unless params.raw) or a
 # list of chat messages ({"role": ..., "content": ...}).
@@ -95,3 +95,20 @@ def _torch_engine(model: Any, *, device: str, dtype: str) -> Engine:
     from livepp.engines.torch.engine import torch_engine
 
     return torch_engine(model, device=device, dtype=dtype)
+
+
+def local_kind(engine: Any) -> str | None:
+    """"torch" or "llama.cpp" for a local engine that continuous batching can
+    run, else None. A module not yet imported cannot have made ``engine``, so
+    this never imports torch for a remote or scripted engine."""
+    torch_mod, llama_mod = sys.modules.get("livepp.engines.torch.engine"), sys.modules.get("livepp.engines.llamacpp")
+    if torch_mod is not None and isinstance(engine, torch_mod.TorchEngine):
+        return "torch"
+    if llama_mod is not None and isinstance(engine, llama_mod.LlamaCppEngine):
+        return "llama.cpp"
+    return None
+
+
+def supports_continuous_batching(engine: Any) -> bool:
+    return local_kind(engine) is not None
+

@@ -33,30 +33,15 @@ from typing import Any, Iterator, Sequence
 
 from livepp.core.events import TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
-from livepp.engines.protocol import Prompt
+from livepp.engines.protocol import Prompt, local_kind, supports_continuous_batching
 from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
 
 
-def _local_kind(engine: Any) -> str | None:
-    """"torch" or "llama.cpp" for a local engine the scheduler can batch, else None
-    (a module not yet imported cannot have made ``engine``: torch is never imported here)."""
-    torch_mod, llama_mod = sys.modules.get("livepp.engines.torch.engine"), sys.modules.get("livepp.engines.llamacpp")
-    if torch_mod is not None and isinstance(engine, torch_mod.TorchEngine):
-        return "torch"
-    if llama_mod is not None and isinstance(engine, llama_mod.LlamaCppEngine):
-        return "llama.cpp"
-    return None
-
-
-def supports_continuous_batching(engine: Any) -> bool:
-    return _local_kind(engine) is not None
-
-
 def backend_for(engine: Any) -> Any:
     """The continuous-batching side of a local engine, or None if it has none."""
-    kind = _local_kind(engine)
+    kind = local_kind(engine)
     if kind == "torch":
         from livepp.engines.torch.continuous import TorchBackend
 

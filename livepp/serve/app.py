@@ -113,9 +113,11 @@ class LiveppServer:
         self.config = config
         self.scheduler: Any = None
         if config.max_batch > 1 and engine.serial:
-            from livepp.engines.scheduler import Scheduler, supports_continuous_batching
+            from livepp.engines.protocol import supports_continuous_batching
 
             if supports_continuous_batching(engine):  # a local torch or llama.cpp engine
+                from livepp.engines.scheduler import Scheduler
+
                 self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
                                            prefill_chunk=config.prefill_chunk)
                 engine = self.scheduler
