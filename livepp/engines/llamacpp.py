@@ -33,9 +33,9 @@ import torch
 
 from livepp.core.events import TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
-from livepp.core.stream import RecordStream, RowBatch
+from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
+from livepp.engines.torch.batch import BatchRequest, Row, SteppedRows, new_row, sample_rows
 from livepp.engines.torch.decoder import encode_prompt
 
 __all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
@@ -235,7 +235,7 @@ class LlamaCppEngine:
         self.llama.close()
 
 
-class LlamaBatch(RowBatch):
+class LlamaBatch(SteppedRows):
     """Rows decoded together in one llama.cpp context, one decode per step."""
 
     def __init__(self, engine: LlamaCppEngine, rows: list[Row]) -> None:
@@ -260,15 +260,8 @@ class LlamaBatch(RowBatch):
                 logits.append(first[prompt][1])
             active = list(self.rows)
             while active:
-                for r, record in zip(active, sample_rows(engine, active, logits)):
-                    if r.finish is not None:
-                        self.finish_reasons[r.index] = r.finish
-                    yield r.index, record
-                for i, reason in self._stopped.items():
-                    if self.finish_reasons[i] is None:
-                        self.finish_reasons[i] = reason
-                    self.rows[i].done = True
-                self._stopped.clear()
+                yield from self._emit(active, sample_rows(engine, active, logits))
+                self._apply_stops(self.rows)
                 for r in active:
                     if r.done:
                         llama.forget(r.index)  # the row leaves: its cells are freed

@@ -102,6 +102,21 @@ class OutboxSink:
         self.loop.call_soon_threadsafe(self.outbox.put, data)
 
 
+def _pull(job: Job, inner: Any, close: Callable[[], None]) -> Any:
+    """The next item of ``inner``, unless the job was stopped: checked before
+    each pull, so before the forward pass of the next token."""
+    if job.stop_reason is not None:
+        close()
+        raise StopIteration
+    try:
+        return next(inner)
+    except Exception:  # StopIteration included
+        if job.stop_reason is None:
+            raise
+        # The stop woke a waiting remote read; that is a stop, not a failure.
+        raise StopIteration from None
+
+
 class JobStream(WrappedStream):
     """A request's token stream that ends as soon as its job is stopped
     (cancel, disconnect, shutdown), reporting that as its finish reason."""
@@ -117,19 +132,11 @@ class JobStream(WrappedStream):
         return self._stopped or self.inner.finish_reason
 
     def __next__(self) -> TokenRecord:
-        # Checked before each pull, so before the forward pass of the next token.
-        if self.job.stop_reason is not None:
-            self._stopped = self.job.stop_reason
-            self.close()
-            raise StopIteration
         try:
-            return next(self.inner)
-        except Exception:  # StopIteration included
-            if self.job.stop_reason is None:
-                raise
-            # The stop woke a waiting remote read; that is a stop, not a failure.
+            return _pull(self.job, self.inner, self.close)
+        except StopIteration:
             self._stopped = self.job.stop_reason
-            raise StopIteration from None
+            raise
 
     def close(self) -> None:
         self.inner.close()
@@ -153,15 +160,7 @@ class JobBatch:
         return self
 
     def __next__(self) -> tuple[int, TokenRecord]:
-        if self.job.stop_reason is not None:
-            self.close()
-            raise StopIteration
-        try:
-            return next(self.inner)
-        except Exception:  # StopIteration included
-            if self.job.stop_reason is None:
-                raise
-            raise StopIteration from None
+        return _pull(self.job, self.inner, self.close)
 
     def stop(self, index: int, reason: str = "policy") -> None:
         self.inner.stop(index, reason)

@@ -29,7 +29,7 @@ from livepp.core.params import GenerationParams
 from livepp.core.stream import RowBatch
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "Row", "new_row", "sample_rows", "BatchStream", "BatchDecoder"]
+__all__ = ["BatchRequest", "Row", "new_row", "sample_rows", "SteppedRows", "BatchStream", "BatchDecoder"]
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,26 @@ def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list
     return records
 
 
-class BatchStream(RowBatch):
+class SteppedRows(RowBatch):
+    """A batch stream whose loop steps :class:`Row` s: what every step does
+    after sampling, shared by the torch and the llama.cpp batches."""
+
+    def _emit(self, active: Sequence[Row], records: Sequence[TokenRecord]) -> Iterator[tuple[int, TokenRecord]]:
+        for r, record in zip(active, records):
+            if r.finish is not None:
+                self.finish_reasons[r.index] = r.finish
+            yield r.index, record
+
+    def _apply_stops(self, rows: Sequence[Row]) -> None:
+        """Rows stopped from outside (a policy, a cancel) are done before the next step."""
+        for i, reason in self._stopped.items():
+            if self.finish_reasons[i] is None:
+                self.finish_reasons[i] = reason
+            rows[i].done = True
+        self._stopped.clear()
+
+
+class BatchStream(SteppedRows):
     """Iterate ``(row index, TokenRecord)`` step by step over every active row.
 
     Within a step rows come in index order. ``stop(i)`` (from the consumer,
@@ -110,15 +129,8 @@ class BatchStream(RowBatch):
         self.forward_passes += 1
         active = rows
         while active:
-            for r, record in zip(active, sample_rows(dec, active, logits)):
-                if r.finish is not None:
-                    self.finish_reasons[r.index] = r.finish
-                yield r.index, record
-            for i, reason in self._stopped.items():
-                if self.finish_reasons[i] is None:
-                    self.finish_reasons[i] = reason
-                rows[i].done = True
-            self._stopped.clear()
+            yield from self._emit(active, sample_rows(dec, active, logits))
+            self._apply_stops(rows)
             keep = [k for k, r in enumerate(active) if not r.done]
             if not keep:
                 return
