@@ -114,7 +114,7 @@ def test_cancel_stops_within_one_token(server):
     assert end["n_tokens"] <= 3 + 2
 
 
-def test_disconnect_frees_the_model(server):
+def test_disconnect_frees_the_model(server, decoder):
     ws = connect(server.url).__enter__()
     send(ws, type="generate", id="d", prompt="Write a very long essay.", params={"max_new_tokens": 64, "ignore_eos": True})
     while json.loads(ws.recv(timeout=60))["type"] != "token":
@@ -124,7 +124,7 @@ def test_disconnect_frees_the_model(server):
     while server.server.jobs and time.time() < deadline:
         time.sleep(0.05)
     assert not server.server.jobs
-    with server.server.engine.decoder.count_forward_passes() as calls:
+    with decoder.count_forward_passes() as calls:
         time.sleep(0.5)
     assert calls[0] == 0  # nothing is computing for the departed client
 
