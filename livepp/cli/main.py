@@ -54,6 +54,9 @@ def main() -> None:
 @click.option("--stop-window-ppl", type=float, default=None, metavar="X", help="Stop when the window PPL exceeds X.")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Tokens before a stop threshold is checked.")
 @click.option("--patience", type=click.IntRange(min=1), default=1, show_default=True, help="Consecutive tokens over a threshold before stopping.")
+@click.option("--policy", "policy_specs", multiple=True, metavar="SPEC",
+              help="A policy in the spec syntax of `livepp replay` (repeatable), e.g. confidence-stop:threshold=12,min_tokens=16, "
+                   "spike:z=3, varentropy-stop:threshold=6,patience=2, early-stop:threshold=8,metric=ppl.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past end-of-sequence (for benchmarks).")
 @click.option("--raw", is_flag=True, help="Send the prompt as raw text, without the chat template.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the decode step (slow first start, faster decoding).")
@@ -81,6 +84,7 @@ def generate(
     stop_window_ppl: float | None,
     min_tokens: int,
     patience: int,
+    policy_specs: tuple[str, ...],
     ignore_eos: bool,
     raw: bool,
     use_compile: bool,
@@ -106,6 +110,7 @@ def generate(
     Examples:
       livepp generate "Why is the sky blue?"
       livepp generate "Tell me a story" --stop-window-ppl 8 --min-tokens 16
+      livepp generate "Prove that 17 is prime." --policy confidence-stop:threshold=12,min_tokens=16
       echo "2+2=" | livepp generate - --raw --max-new-tokens 4 --json
       livepp generate "Name a colour." "Name a fruit." -n 4 --temperature 0.8 --seed 1 --json
     """
@@ -122,7 +127,10 @@ def generate(
             top_logprobs=top_logprobs,
             raw=raw,
         )
+        from livepp.core.policies import parse_policy
+
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
+        policies += [parse_policy(spec) for spec in policy_specs]
         if remote is not None:
             from livepp.engines.remote import source_from_options
 

@@ -62,6 +62,7 @@ class TokenRecord:
     confidence: float | None = None
     sampling_logprob: float | None = None
     finish_reason: FinishReason | None = None
+    varentropy: float | None = None  # variance of −log p under the raw distribution
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,7 @@ class TokenEvent:
     group_confidence: float | None
     surprise_z: float | None
     type: Literal["token"] = "token"
+    varentropy: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

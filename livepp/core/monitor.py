@@ -198,4 +198,5 @@ class Monitor:
             confidence=record.confidence,
             group_confidence=tracker.group_confidence,
             surprise_z=tracker.surprise_z,
+            varentropy=record.varentropy,
         )

@@ -31,6 +31,7 @@ __all__ = [
     "EarlyStop",
     "SpikeAlert",
     "ConfidenceStop",
+    "VarentropyStop",
     "CARRouter",
     "warmup_threshold",
     "parse_policy",
@@ -213,6 +214,38 @@ class ConfidenceStop:
         return Decision("stop", self.name, f"group confidence {g:.3f} < {self.threshold:.4g} after {tracker.n} tokens")
 
 
+class VarentropyStop:
+    """Stop (or note) when the model is lost rather than choosing: the token's
+    varentropy (variance of −log p under the raw distribution; high when the
+    mass is spread over options of very different likelihood, entropix's
+    "lost" signal) exceeds ``threshold`` on ``patience`` consecutive tokens,
+    checked from ``min_tokens`` on. Tokens without a varentropy (remote
+    streams) never count."""
+
+    def __init__(self, threshold: float, *, min_tokens: int = 1, patience: int = 1, action: str = "stop") -> None:
+        if not (threshold > 0 and math.isfinite(threshold)):
+            raise ValueError(f"a varentropy threshold must be a finite number > 0, got {threshold}")
+        if min_tokens < 1 or patience < 1:
+            raise ValueError(f"min_tokens and patience must be >= 1, got {min_tokens}, {patience}")
+        if action not in ("stop", "note"):
+            raise ValueError(f"action must be stop or note, got {action!r}")
+        self.threshold, self.min_tokens, self.patience, self.action = threshold, min_tokens, patience, action
+        self.name = f"VarentropyStop(varentropy>{threshold:g})"
+        self._streak = 0
+
+    def reset(self) -> None:
+        self._streak = 0
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        if tracker.n < self.min_tokens:
+            return CONTINUE
+        v = event.varentropy
+        self._streak = self._streak + 1 if v is not None and v > self.threshold else 0
+        if self._streak < self.patience:
+            return CONTINUE
+        return Decision(self.action, self.name, f"varentropy {v:.3f} > {self.threshold:g} for {self._streak} token(s) after {tracker.n} tokens")  # type: ignore[arg-type]
+
+
 class CARRouter:
     """CAR decision on a short answer's running PPL.
 
@@ -266,6 +299,7 @@ _SPECS: dict[str, Any] = {
     "early-stop": (EarlyStop, {"threshold": float, "metric": str, "min_tokens": int, "patience": int}),
     "spike": (SpikeAlert, {"z": float, "min_tokens": int}),
     "confidence-stop": (ConfidenceStop, {"threshold": float, "min_tokens": int}),
+    "varentropy-stop": (VarentropyStop, {"threshold": float, "min_tokens": int, "patience": int, "action": str}),
 }
 
 
@@ -273,7 +307,8 @@ def parse_policy(spec: str) -> Policy:
     """Build a policy from ``NAME[:key=value,...]``.
 
     Names: ``early-stop`` (threshold, metric, min_tokens, patience),
-    ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens).
+    ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens),
+    ``varentropy-stop`` (threshold, min_tokens, patience, action=stop|note).
     Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``.
     """
     name, _, rest = spec.strip().partition(":")

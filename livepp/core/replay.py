@@ -56,6 +56,7 @@ def _record(event: dict[str, Any], where: str) -> TokenRecord:
             entropy=None if event.get("entropy") is None else float(event["entropy"]),
             top_logprobs=tuple(TopLogprob(int(t["token_id"]), str(t.get("text", "")), _logprob(t["logprob"])) for t in event.get("top_logprobs") or ()),
             confidence=None if event.get("confidence") is None else float(event["confidence"]),
+            varentropy=None if event.get("varentropy") is None else float(event["varentropy"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LiveppError(f"{where}: malformed token event ({exc})") from exc

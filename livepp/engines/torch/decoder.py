@@ -100,6 +100,7 @@ def token_record(stats: Any, text: str, finish: str | None, alternatives: tuple[
         confidence=stats.confidence,
         sampling_logprob=stats.sampling_logprob,
         finish_reason=finish,
+        varentropy=stats.varentropy,
     )
 
 

@@ -18,8 +18,8 @@ from livepp.core.params import GenerationParams
 __all__ = ["StepStats", "next_token_stats", "unpack_stats", "processed_scores"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
-#                 top_values (k), top_ids (k)]; NaN marks "not computed".
-_HEAD = 5
+#                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
+_HEAD = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,7 @@ class StepStats:
     confidence: float | None
     sampling_logprob: float | None
     top: tuple[tuple[int, float], ...]
+    varentropy: float | None = None
 
 
 def processed_scores(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
@@ -81,8 +82,11 @@ def next_token_stats(
         p = raw_logprobs.exp()
         # p·log p is 0 where p underflowed to 0 (log p may be -inf there).
         entropy = -torch.where(p > 0, p * raw_logprobs, 0.0).sum().view(1)
+        # Varentropy: the variance of the surprisal −log p under p, taken as
+        # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
+        varentropy = torch.where(p > 0, p * (raw_logprobs + entropy) ** 2, 0.0).sum().view(1)
     else:
-        entropy = nan
+        entropy = varentropy = nan
 
     n_top = max(params.top_logprobs, params.confidence_k)
     if n_top:
@@ -92,7 +96,7 @@ def next_token_stats(
     else:
         confidence = nan
     k = params.top_logprobs
-    parts = [token.to(raw_logprobs.dtype), raw_logprobs[token], entropy, confidence, sampling_logprob]
+    parts = [token.to(raw_logprobs.dtype), raw_logprobs[token], entropy, confidence, sampling_logprob, varentropy]
     if k:
         parts += [top_values[:k], top_ids[:k].to(raw_logprobs.dtype)]
     # float64 keeps token ids exact for any vocabulary (fp32 would stop at 2^24).
@@ -114,5 +118,6 @@ def unpack_stats(values: list[float]) -> StepStats:
         entropy=_optional(values[2]),
         confidence=_optional(values[3]),
         sampling_logprob=_optional(values[4]),
+        varentropy=_optional(values[5]),
         top=tuple((int(i), v) for i, v in zip(top_ids, top_values)),
     )

@@ -1,0 +1,98 @@
+"""Varentropy (the variance of −log p under the raw distribution) on both
+local engines, the varentropy-stop policy, and `generate --policy`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from livepp.cli.main import main
+from livepp.core.events import TokenRecord
+from livepp.core.monitor import Monitor
+from livepp.core.params import GenerationParams
+from livepp.core.policies import VarentropyStop, parse_policy
+from livepp.core.replay import read_traces, replay_trace
+from livepp.core.stream import RecordStream
+
+
+def varentropy_of(logits: np.ndarray) -> tuple[float, float]:
+    """(entropy, varentropy) of softmax(logits), in float64, by the textbook formulas."""
+    z = logits.astype(np.float64)
+    logp = z - z.max() - np.log(np.exp(z - z.max()).sum())
+    p = np.exp(logp)
+    h = -(p * logp).sum()
+    return h, (p * logp**2).sum() - h**2
+
+
+@pytest.mark.model
+def test_torch_engine_varentropy_equals_the_formula_on_teacher_forced_logits(decoder):
+    r = Monitor().run(decoder.stream(decoder.encode("Tell me about owls."), GenerationParams(max_new_tokens=12, temperature=0.9, seed=4)))
+    ids = list(r.events[0].prompt_token_ids) + r.token_ids
+    with torch.inference_mode():
+        logits = decoder.model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    n = len(r.events[0].prompt_token_ids)
+    for k, t in enumerate(r.tokens):
+        h, v = varentropy_of(logits[n - 1 + k])
+        assert t.entropy == pytest.approx(h, abs=1e-4)
+        assert t.varentropy == pytest.approx(v, abs=1e-3, rel=1e-4)
+    assert any(t.varentropy > 0.5 for t in r.tokens)  # not a constant
+
+
+@pytest.mark.model
+def test_llamacpp_engine_varentropy_equals_the_formula_on_its_own_logits():
+    from livepp.engines.llamacpp import LlamaContext, LlamaCppEngine
+
+    engine = LlamaCppEngine(exact=True)
+    try:
+        r = Monitor().run(engine.open("What is 2+2?", GenerationParams(max_new_tokens=8, ignore_eos=True)))
+        ids = list(r.events[0].prompt_token_ids) + r.token_ids
+        n = len(r.events[0].prompt_token_ids)
+        ctx = LlamaContext(engine.path, n_seq=1)
+        logits = [lg.numpy() for pos, t in enumerate(ids[:-1]) for lg in ctx.decode([(t, pos, 0, pos >= n - 1)])]
+        ctx.close()
+    finally:
+        engine.close()
+    for t, lg in zip(r.tokens, logits):
+        assert t.varentropy == pytest.approx(varentropy_of(lg)[1], abs=1e-3, rel=1e-4)
+
+
+def records(varentropies):
+    return [TokenRecord(token_id=i, text="x", logprob=-1.0, entropy=1.0, varentropy=v) for i, v in enumerate(varentropies)]
+
+
+def test_varentropy_stop_fires_on_the_first_token_of_a_long_enough_streak():
+    vs = [9.0, 0.1, 5.0, 0.2, 5.0, 6.0, 7.0, 0.1]
+    r = Monitor(policies=[VarentropyStop(4.0, min_tokens=2, patience=2)]).run(RecordStream(records(vs)))
+    # token 0 is before min_tokens; tokens 4 and 5 are the first streak of 2
+    assert r.end.reason == "policy" and r.end.n_tokens == 6
+    note = Monitor(policies=[parse_policy("varentropy-stop:threshold=4,action=note")]).run(RecordStream(records(vs)))
+    assert note.end.reason == "length" and [e.index for e in note.events if e.type == "policy"] == [0, 2, 4, 5, 6]
+    # a stream without varentropy (a remote engine) never triggers it
+    assert Monitor(policies=[VarentropyStop(0.5)]).run(RecordStream(records([None] * 5))).end.reason == "length"
+    with pytest.raises(Exception, match="threshold"):
+        parse_policy("varentropy-stop:threshold=-1")
+
+
+@pytest.mark.model
+def test_generate_policy_stops_where_replay_of_its_trace_stops(decoder, tmp_path):
+    args = ["generate", "Write a poem about the sea.", "--max-new-tokens", "40", "--ignore-eos", "--json"]
+    full = CliRunner().invoke(main, args)
+    assert full.exit_code == 0, full.output
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(full.stdout)
+    tokens = [json.loads(x) for x in full.stdout.splitlines() if '"type": "token"' in x]
+    assert all(isinstance(t["varentropy"], float) for t in tokens)
+    # a threshold that fires mid-way on this text
+    threshold = float(np.median([t["varentropy"] for t in tokens[4:]]))
+    spec = f"varentropy-stop:threshold={threshold!r},min_tokens=4,patience=2"
+    replayed = replay_trace(read_traces(trace)[0], [parse_policy(spec)])
+    assert replayed is not None, "choose a threshold that fires on this text"
+    live = CliRunner().invoke(main, args + ["--policy", spec])
+    end = json.loads(live.stdout.splitlines()[-1])
+    assert end["type"] == "end" and end["reason"] == "policy" and end["n_tokens"] == replayed + 1
+    bad = CliRunner().invoke(main, ["generate", "hi", "--policy", "varentropy-stop:limit=3"])
+    assert bad.exit_code == 2 and "bad option" in bad.output
