@@ -176,10 +176,11 @@ def test_page_shows_the_services_load_and_live_requests(decoder, browser):
         wait_for(lambda: len(rows()) == 3 and len(generating()) == 2 and all(c[4] != "–" for c in generating()),
                  "two generating requests with their PPL and one waiting", timeout=60)
         cells = generating()
-        assert sorted(c[0] for c in cells) == ["bg0", "bg1"] and {c[1] for c in cells} == {"generate"}
+        # which two of the three got the batch depends on thread scheduling
+        waiting = [r.find_elements("css selector", "td")[0].text for r in rows() if "waiting" in r.text]
+        assert len(waiting) == 1 and sorted([c[0] for c in cells] + waiting) == ["bg0", "bg1", "bg2"]
+        assert {c[1] for c in cells} == {"generate"}
         assert all(int(c[3]) >= 1 and float(c[4]) >= 1.0 for c in cells)
-        waiting = [r.text for r in rows() if "waiting" in r.text]
-        assert len(waiting) == 1 and waiting[0].startswith("bg2")
         browser.save_screenshot(str(ARTIFACTS / "page-live.png"))
     finally:
         done.set()

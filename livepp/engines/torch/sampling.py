@@ -79,12 +79,15 @@ def next_token_stats(
         sampling_logprob = torch.log_softmax(scores, dim=-1)[token]
 
     if params.entropy:
-        p = raw_logprobs.exp()
-        # p·log p is 0 where p underflowed to 0 (log p may be -inf there).
-        entropy = -torch.where(p > 0, p * raw_logprobs, 0.0).sum().view(1)
+        # A token of probability 0 has log p = -inf; clamped, its terms p·(...)
+        # are exactly 0 (no real log-prob of finite fp32 logits is near -1e4).
+        logp = raw_logprobs.clamp(min=-1e4)
+        p = logp.exp()
+        entropy = -torch.dot(p, logp).view(1)
         # Varentropy: the variance of the surprisal −log p under p, taken as
         # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
-        varentropy = torch.where(p > 0, p * (raw_logprobs + entropy) ** 2, 0.0).sum().view(1)
+        centred = logp + entropy
+        varentropy = torch.dot(p, centred * centred).view(1)
     else:
         entropy = varentropy = nan
 
