@@ -1,6 +1,6 @@
 """Decode speed: Hugging Face generate against livepp, from one run.
 
-    python benchmarks/decode.py [--tokens 128] [--repeats 3] [--compile]
+    python benchmarks/decode.py [--tokens 128] [--repeats 3] [--compile] [--no-llama]
 
 All contenders generate the same number of greedy tokens from the same
 prompt on the embedded model, batch 1, and are interleaved round by round so
@@ -10,6 +10,13 @@ full monitoring (raw logprob, entropy, top-5, DeepConf confidence, tracker,
 an EarlyStop policy and JSON serialisation of every event), livepp with
 monitoring off (token id and logprob only), and the ratios. `--compile` adds
 livepp with torch.compile + static KV cache and reports its compile time.
+
+With llama-cpp-python installed (unless `--no-llama`), the same run adds the
+embedded model's own GGUF on llama.cpp: livepp's llama.cpp engine with full
+monitoring, the same decode loop without statistics (one token per
+`llama_decode`, greedy argmax), llama-cpp-python's own streaming
+`create_completion(logprobs=5)` path, and the llama.cpp engine's aggregate
+tokens/s at batch 8 against batch 1.
 """
 
 from __future__ import annotations
@@ -71,11 +78,51 @@ def livepp_bare(decoder, prompt_ids, n):
     return n / (time.perf_counter() - t)
 
 
+def llama_full(engine, n):
+    params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=5, confidence_k=20, entropy=True)
+    monitor = Monitor(policies=[EarlyStop(1e9, metric="window_ppl")], sinks=[JsonSerialisingSink()], keep_events=False)
+    t = time.perf_counter()
+    result = monitor.run(engine.open(PROMPT, params))
+    assert result.end.n_tokens == n
+    return n / (time.perf_counter() - t)
+
+
+def llama_bare(ctx, prompt_ids, n):
+    import numpy as np
+
+    ctx.clear()
+    t = time.perf_counter()
+    logits = ctx.prefill(prompt_ids, 0, exact=False)
+    for pos in range(len(prompt_ids), len(prompt_ids) + n - 1):
+        logits = ctx.decode([(int(np.argmax(logits.numpy())), pos, 0, True)])[0]
+    return n / (time.perf_counter() - t)
+
+
+def llama_own_logprobs(llm, prompt_ids, n):
+    t = time.perf_counter()
+    count = 0
+    for chunk in llm.create_completion(prompt_ids, max_tokens=n, temperature=0.0, logprobs=5, stream=True):
+        count += len((chunk["choices"][0].get("logprobs") or {}).get("tokens") or [])
+    llm.reset()
+    return count / (time.perf_counter() - t)
+
+
+def llama_batch(engine, rows, n):
+    from livepp import generate_many
+
+    params = GenerationParams(max_new_tokens=n, ignore_eos=True, temperature=0.8, seed=0)
+    t = time.perf_counter()
+    results = generate_many([PROMPT], n=rows, model=engine, params=params)
+    assert all(r.end.n_tokens == n for r in results)
+    return rows * n / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compile path (minutes of compile time)")
+    ap.add_argument("--no-llama", action="store_true", help="leave out the llama.cpp rows")
     args = ap.parse_args()
     n = args.tokens
 
@@ -103,6 +150,23 @@ def main() -> None:
         print(f"compiled decoder ready after {compile_s:.0f} s; greedy ids equal to eager: {same}")
         runs["livepp --compile, full monitoring"] = lambda: livepp_full(compiled, prompt_ids, n)
 
+    llama = None
+    if not args.no_llama:
+        from livepp.engines.llamacpp import LlamaContext, LlamaCppEngine, llama_cpp_available
+
+        if llama_cpp_available():
+            from llama_cpp import Llama
+
+            llama = LlamaCppEngine()
+            bare_ctx = LlamaContext(llama.path, n_seq=1)
+            llm = Llama(llama.path, n_ctx=2048, verbose=False, logits_all=True)
+            llama_ids = llama.encode(PROMPT)
+            runs["llama.cpp engine, full monitoring"] = lambda: llama_full(llama, n)
+            runs["llama.cpp loop, no statistics"] = lambda: llama_bare(bare_ctx, llama_ids, n)
+            runs["llama-cpp-python stream, logprobs=5"] = lambda: llama_own_logprobs(llm, llama_ids, n)
+            runs["llama.cpp engine, batch 8 (aggregate)"] = lambda: llama_batch(llama, 8, n)
+            runs["llama.cpp engine, batch 1 (sampled)"] = lambda: llama_batch(llama, 1, n)
+
     for fn in runs.values():  # warm-up: allocator, thread pools, caches
         fn()
     best = {name: 0.0 for name in runs}
@@ -120,6 +184,13 @@ def main() -> None:
     print(f"  livepp full / HF generate            {full / hf:5.2f}x   (target >= 1.00x)")
     print(f"  livepp full / HF generate + streamer {full / hs:5.2f}x   (target >= 1.25x)")
     print(f"  monitoring cost vs livepp bare       {100 * (1 - full / bare):5.1f}%   (target <= 5%)")
+    if llama is not None:
+        lf, lb = best["llama.cpp engine, full monitoring"], best["llama.cpp loop, no statistics"]
+        own, b8, b1 = best["llama-cpp-python stream, logprobs=5"], best["llama.cpp engine, batch 8 (aggregate)"], best["llama.cpp engine, batch 1 (sampled)"]
+        print(f"  llama.cpp full / torch full          {lf / full:5.2f}x   (target >= 4x)")
+        print(f"  llama.cpp full / llama-cpp-python logprobs=5 {lf / own:5.2f}x   (target >= 3x)")
+        print(f"  llama.cpp monitoring cost vs bare loop {100 * (1 - lf / lb):5.1f}%   (target <= 10%)")
+        print(f"  llama.cpp batch 8 / batch 1 (aggregate) {b8 / b1:5.2f}x")
     if compiled is not None:
         comp = best["livepp --compile, full monitoring"]
         print(f"  livepp --compile / HF generate       {comp / hf:5.2f}x   (target >= 1.25x); "

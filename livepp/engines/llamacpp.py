@@ -102,9 +102,10 @@ class LlamaContext:
         ids = {self.lib.llama_vocab_eos(self.vocab), self.lib.llama_vocab_eot(self.vocab)}
         return {i for i in ids if i >= 0}
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> list[torch.Tensor]:
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, copy: bool = True) -> list[torch.Tensor]:
         """Decode ``(token, position, sequence, wants_logits)`` entries in one
-        ``llama_decode``; the logits of those that want them, as fp32 tensors."""
+        ``llama_decode``; the logits of those that want them, as fp32 tensors
+        (``copy=False``: views of llama.cpp's buffer, valid until the next decode)."""
         b = self.batch
         for i, (token, pos, seq, logits) in enumerate(entries):
             b.token[i] = token
@@ -121,8 +122,9 @@ class LlamaContext:
         for i, entry in enumerate(entries):
             if entry[3]:
                 ptr = self.lib.llama_get_logits_ith(self.ctx, i)
-                # A copy: llama.cpp reuses its buffer at the next decode.
-                out.append(torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()))
+                view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+                # llama.cpp reuses its buffer at the next decode.
+                out.append(torch.from_numpy(view.copy() if copy else view))
         return out
 
     def prefill(self, prompt: Sequence[int], seq: int, *, exact: bool) -> torch.Tensor:
@@ -268,7 +270,8 @@ class LlamaBatch(SteppedRows):
                 active = [r for r in active if not r.done]
                 if not active:
                     return
-                logits = llama.decode([(r.last_token, r.position, r.index, True) for r in active])
+                # Sampled before the next decode, so llama.cpp's buffer is read in place.
+                logits = llama.decode([(r.last_token, r.position, r.index, True) for r in active], copy=False)
                 for r in active:
                     r.position += 1
         finally:
@@ -334,7 +337,7 @@ class LlamaBackend:
         self._pending = []
 
     def step(self, rows: Sequence[Row]) -> Any:
-        return self.llama.decode([(r.last_token, r.position, seq, True) for r, seq in zip(rows, self._active)])
+        return self.llama.decode([(r.last_token, r.position, seq, True) for r, seq in zip(rows, self._active)], copy=False)
 
     def keep(self, keep: list[int]) -> None:
         kept = set(keep)
