@@ -120,6 +120,7 @@ def stream_many(
     window: int = 32,
     ema_alpha: float = 0.1,
     confidence_window: int = 32,
+    steps: str | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Decode every prompt × ``n`` samples as one batch; yield ``(sample, event)``.
 
@@ -134,7 +135,8 @@ def stream_many(
     engine = as_engine(model)
     settings = {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window}
     batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name, engine=engine.kind,
-                           policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings), run_params=settings)
+                           policies=lambda i: list(policies()), tracker_factory=lambda: Tracker(**settings), run_params=settings,
+                           steps=steps)
     yield from batch
 
 
@@ -149,6 +151,7 @@ def generate_many(
     window: int = 32,
     ema_alpha: float = 0.1,
     confidence_window: int = 32,
+    steps: str | None = None,
 ) -> list[Result]:
     """:func:`stream_many` to the end: one :class:`Result` per sample (prompts
     in order, then samples). ``sinks`` see every event; a sink with an
@@ -161,7 +164,7 @@ def generate_many(
 
     emitters = [sample_emitter(s) for s in sinks]
     for sample, event in stream_many(prompts, n=n, model=model, params=params, policies=policies, window=window,
-                                     ema_alpha=ema_alpha, confidence_window=confidence_window):
+                                     ema_alpha=ema_alpha, confidence_window=confidence_window, steps=steps):
         r = results[sample]
         r.events.append(event)
         if isinstance(event, TokenEvent):

@@ -186,3 +186,32 @@ def test_page_shows_the_services_load_and_live_requests(decoder, browser):
         done.set()
         worker.join(30)
         server.stop()
+
+
+def test_page_marks_reasoning_steps_and_the_worst_one(decoder, browser):
+    server = RunningServer(decoder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        prompt = browser.find_element("id", "prompt")
+        prompt.clear()
+        prompt.send_keys("List three facts about the moon, one per line, numbered 1., 2., 3.")
+        browser.find_element("id", "max").clear()
+        browser.find_element("id", "max").send_keys("60")
+        browser.find_element("id", "steps").click()
+        before = chart_signature(browser)
+        browser.find_element("id", "go").click()
+        wait_for(lambda: "end:" in browser.find_element("id", "log").text, "the end event", timeout=120)
+        steps = browser.execute_script("return steps")
+        assert len(steps) >= 2
+        # the steps tile the answer's tokens, and the worst is the one with the highest PPL
+        n_tokens = int(browser.find_element("id", "s-n").text)
+        assert steps[0][0] == 0 and steps[-1][1] == n_tokens - 1
+        assert all(b[0] == a[1] + 1 for a, b in zip(steps, steps[1:]))
+        worst = browser.execute_script("return worstStep()")
+        assert steps[worst][2] == max(s[2] for s in steps)
+        assert "step 0 (tokens 0–" in browser.find_element("id", "log").text
+        assert chart_signature(browser) != before
+        browser.save_screenshot(str(ARTIFACTS / "page-steps.png"))
+    finally:
+        server.stop()

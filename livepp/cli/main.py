@@ -54,6 +54,8 @@ def main() -> None:
 @click.option("--stop-window-ppl", type=float, default=None, metavar="X", help="Stop when the window PPL exceeds X.")
 @click.option("--min-tokens", type=click.IntRange(min=1), default=8, show_default=True, help="Tokens before a stop threshold is checked.")
 @click.option("--patience", type=click.IntRange(min=1), default=1, show_default=True, help="Consecutive tokens over a threshold before stopping.")
+@click.option("--steps", "show_steps", is_flag=True, help="Cut the reply into reasoning steps (a blank line, or a line starting 'Step N' / 'N.') and emit a 'step' event with each step's PPL as it ends.")
+@click.option("--step-regex", metavar="REGEX", default=None, help="Where a step ends instead: after each match of REGEX (implies --steps).")
 @click.option("--policy", "policy_specs", multiple=True, metavar="SPEC",
               help="A policy in the spec syntax of `livepp replay` (repeatable), e.g. confidence-stop:threshold=12,min_tokens=16, "
                    "spike:z=3, varentropy-stop:threshold=6,patience=2, early-stop:threshold=8,metric=ppl.")
@@ -84,6 +86,8 @@ def generate(
     stop_window_ppl: float | None,
     min_tokens: int,
     patience: int,
+    show_steps: bool,
+    step_regex: str | None,
     policy_specs: tuple[str, ...],
     ignore_eos: bool,
     raw: bool,
@@ -131,6 +135,11 @@ def generate(
 
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
         policies += [parse_policy(spec) for spec in policy_specs]
+        from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+
+        steps = step_regex if step_regex is not None else (DEFAULT_STEP_REGEX if show_steps else None)
+        if steps is not None:
+            StepSegmenter(steps)  # a bad regex is a usage error before any compute
         if remote is not None:
             from livepp.engines.remote import source_from_options
 
@@ -146,7 +155,7 @@ def generate(
                 raise LiveppError("--compile is for one stream of a local model: not with --remote, several prompts or -n")
             engine.decoder.compile()
         if len(prompts) > 1 or samples > 1:
-            _generate_batch(list(prompts), samples, engine, params, policies, window, as_json)
+            _generate_batch(list(prompts), samples, engine, params, policies, window, as_json, steps)
             return
         text = _read_prompt(prompts[0] if prompts else None)
         if as_json:
@@ -161,7 +170,7 @@ def generate(
 
         tracker = Tracker(window=window)
         settings = {"window": window, "ema_alpha": tracker.ema_alpha, "confidence_window": tracker.confidence_window}
-        monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window))
+        monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window), steps=steps)
         monitor.run(engine.open(text, params), model=engine.name, params=params.to_dict() | settings | start_params, engine=engine.kind)
     except LiveppError as exc:
         _fail(str(exc), as_json=as_json, code=2)
@@ -186,7 +195,7 @@ class _SampleJsonl:
 
 
 def _generate_batch(prompts: list[str], samples: int, engine: Any, params: GenerationParams, policies: list[Any],
-                    window: int, as_json: bool) -> None:
+                    window: int, as_json: bool, steps: str | None = None) -> None:
     import copy
 
     from livepp.api import generate_many
@@ -200,7 +209,7 @@ def _generate_batch(prompts: list[str], samples: int, engine: Any, params: Gener
         sink = SamplesView([f"#{i} p{i // samples}" + (f".{i % samples}" if samples > 1 else "") for i in range(len(prompts) * samples)])
     # Each sample gets its own fresh copy of the command line's policies.
     generate_many(prompts, n=samples, model=engine, params=params, policies=lambda: copy.deepcopy(policies),
-                  sinks=[sink], window=window)
+                  sinks=[sink], window=window, steps=steps)
 
 
 def _early_stops(stop_ppl: float | None, stop_window_ppl: float | None, *, min_tokens: int, patience: int) -> list[Any]:

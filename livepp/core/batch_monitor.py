@@ -25,12 +25,12 @@ class MonitoredBatch:
 
     def __init__(self, stream: BatchTokenStream, params: Sequence[GenerationParams], *, model: str, engine: str | None = None,
                  policies: Callable[[int], Sequence[Policy]], tracker_factory: Callable[[], Tracker] = Tracker,
-                 run_params: dict[str, Any] | None = None, sample_offset: int = 0) -> None:
+                 run_params: dict[str, Any] | None = None, sample_offset: int = 0, steps: str | None = None) -> None:
         self._events: list[tuple[int, Any]] = []
         self.stream = stream
         self.sessions: list[Session] = []
         for i, (p, ids) in enumerate(zip(params, stream.prompt_token_ids)):
-            monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory)
+            monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory, steps=steps)
             row_params = p.to_dict() | dict(run_params or {}) | {"sample": sample_offset + i}
             self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=list(policies(i)),
                                                  engine=engine))

@@ -20,6 +20,7 @@ __all__ = [
     "TokenRecord",
     "StartEvent",
     "TokenEvent",
+    "StepEvent",
     "PolicyEvent",
     "EndEvent",
     "ErrorEvent",
@@ -105,6 +106,21 @@ class PolicyEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class StepEvent:
+    """A reasoning step that has ended: tokens ``start_token..end_token``
+    (inclusive), their text, PPL, mean entropy and lowest token confidence."""
+
+    index: int
+    start_token: int
+    end_token: int
+    text: str
+    ppl: float
+    mean_entropy: float | None
+    min_confidence: float | None
+    type: Literal["step"] = "step"
+
+
+@dataclass(frozen=True, slots=True)
 class EndEvent:
     reason: FinishReason
     n_tokens: int
@@ -130,7 +146,7 @@ class ErrorEvent:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Event = Union[StartEvent, TokenEvent, PolicyEvent, EndEvent, ErrorEvent]
+Event = Union[StartEvent, TokenEvent, PolicyEvent, StepEvent, EndEvent, ErrorEvent]
 
 
 def _json_float(x: float | None) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from livepp.core.events import EndEvent, Event, PolicyEvent, StartEvent, TokenEvent, TokenRecord
 from livepp.core.policies import Policy, run_policies
+from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
 from livepp.core.stream import TokenStream
 from livepp.core.tracker import Tracker
 
@@ -61,6 +62,11 @@ class Session:
         for policy in self.policies:
             policy.reset()
         self._pieces: list[str] = []
+        # Reasoning steps, when asked for or when a policy judges steps.
+        regex = monitor.steps
+        if regex is None and any(callable(getattr(pol, "check_step", None)) for pol in self.policies):
+            regex = DEFAULT_STEP_REGEX
+        self.segmenter = StepSegmenter(regex) if regex is not None else None
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self.stopped_by_policy = False
@@ -83,11 +89,25 @@ class Session:
             self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason))
             if decision.action != "note":
                 self.stopped_by_policy = True
+        if self.segmenter is not None:
+            for step in self.segmenter.add(index, record.text, record.logprob, record.entropy, record.confidence):
+                self._emit(step)
+                for policy in self.policies:
+                    check_step = getattr(policy, "check_step", None)
+                    decision = check_step(step, tracker) if check_step is not None else None
+                    if decision is not None and decision.action != "continue":
+                        self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason))
+                        if decision.action != "note":
+                            self.stopped_by_policy = True
         return self.stopped_by_policy
 
     def end(self, reason: str, *, tokens_after_stop: int | None = None, engine_finish_reason: str | None = None) -> Result:
         if self.result.end is not None:
             return self.result
+        if self.segmenter is not None:
+            last = self.segmenter.finish()  # the last step ends with the generation
+            if last is not None:
+                self._emit(last)
         ended = time.perf_counter()
         first = self._first_token_at if self._first_token_at is not None else ended
         decode_s = ended - first
@@ -124,8 +144,13 @@ class Monitor:
         sinks: Sequence[Sink] = (),
         tracker_factory: Callable[[], Tracker] = Tracker,
         keep_events: bool = True,
+        steps: str | None = None,
     ) -> None:
+        """``steps``: a step regex (``DEFAULT_STEP_REGEX`` for the default
+        rule) to emit a ``step`` event as each reasoning step ends; steps are
+        also cut, by the default rule, whenever a policy judges steps."""
         self.policies = list(policies)
+        self.steps = steps
         self.sinks = list(sinks)
         self.tracker_factory = tracker_factory
         self.keep_events = keep_events

@@ -32,6 +32,7 @@ __all__ = [
     "SpikeAlert",
     "ConfidenceStop",
     "VarentropyStop",
+    "StepPPL",
     "CARRouter",
     "warmup_threshold",
     "parse_policy",
@@ -246,6 +247,37 @@ class VarentropyStop:
         return Decision(self.action, self.name, f"varentropy {v:.3f} > {self.threshold:g} for {self._streak} token(s) after {tracker.n} tokens")  # type: ignore[arg-type]
 
 
+class StepPPL:
+    """Judge reasoning steps: when a step's PPL exceeds ``threshold`` (steps
+    of at least ``min_tokens`` tokens), ``action``: stop, note or route.
+    Steps are the monitor's (a blank line or a new "Step N" / numbered line
+    ends one; ``--step-regex`` changes the rule); a step that is surprising to
+    the model is where reasoning tends to go wrong (SPIRIT)."""
+
+    def __init__(self, threshold: float, *, action: str = "stop", min_tokens: int = 1) -> None:
+        if not (threshold > 1.0 and math.isfinite(threshold)):
+            raise ValueError(f"a PPL threshold must be a finite number > 1, got {threshold}")
+        if action not in ("stop", "note", "route"):
+            raise ValueError(f"action must be stop, note or route, got {action!r}")
+        if min_tokens < 1:
+            raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
+        self.threshold, self.action, self.min_tokens = threshold, action, min_tokens
+        self.name = f"StepPPL(step ppl>{threshold:g})"
+
+    def reset(self) -> None:
+        pass
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        return CONTINUE  # judged per step, in check_step
+
+    def check_step(self, step: Any, tracker: Tracker) -> Decision:
+        n = step.end_token - step.start_token + 1
+        if n < self.min_tokens or not step.ppl > self.threshold:
+            return CONTINUE
+        return Decision(self.action, self.name, f"step {step.index} (tokens {step.start_token}-{step.end_token}) "  # type: ignore[arg-type]
+                                                f"has PPL {step.ppl:.3f} > {self.threshold:g}")
+
+
 class CARRouter:
     """CAR decision on a short answer's running PPL.
 
@@ -300,6 +332,7 @@ _SPECS: dict[str, Any] = {
     "spike": (SpikeAlert, {"z": float, "min_tokens": int}),
     "confidence-stop": (ConfidenceStop, {"threshold": float, "min_tokens": int}),
     "varentropy-stop": (VarentropyStop, {"threshold": float, "min_tokens": int, "patience": int, "action": str}),
+    "step-ppl": (StepPPL, {"threshold": float, "action": str, "min_tokens": int}),
 }
 
 
@@ -308,7 +341,8 @@ def parse_policy(spec: str) -> Policy:
 
     Names: ``early-stop`` (threshold, metric, min_tokens, patience),
     ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens),
-    ``varentropy-stop`` (threshold, min_tokens, patience, action=stop|note).
+    ``varentropy-stop`` (threshold, min_tokens, patience, action=stop|note),
+    ``step-ppl`` (threshold, action=stop|note|route, min_tokens).
     Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``.
     """
     name, _, rest = spec.strip().partition(":")

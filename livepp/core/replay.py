@@ -85,8 +85,8 @@ def read_traces(path: str | Path) -> list[Trace]:
                 current.correct = _label(event["correct"], where)
         elif kind == "label" and traces:
             traces[-1].correct = _label(event.get("correct"), where)
-        elif kind in ("policy", "error"):
-            continue
+        elif kind in ("policy", "error", "step"):
+            continue  # what the replay recomputes, or nothing to replay
         else:
             raise LiveppError(f"{where}: unknown event type {kind!r}")
     if not traces:

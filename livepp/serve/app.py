@@ -10,7 +10,7 @@ policies) in a worker thread; each event is handed to the client's
 slow readers and never drops ``end``.
 
 Protocol (JSON text messages on ``/ws``):
-  → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...]}
+  → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...],"steps":bool|REGEX}
   → {"type":"route","id":str,"question":str,"params":{...}}   (CAR routing)
   → {"type":"think","id":str,"question":str,"params":{...}}   (DeepConf traces)
   → {"type":"cancel","id":str}
@@ -47,6 +47,7 @@ from livepp.serve.reasoning import start_route, start_think
 from livepp.serve.outbox import Outbox
 from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
+from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
 
 __all__ = ["ServerConfig", "ModelRunner", "LiveppServer", "serve_forever"]
 
@@ -268,11 +269,20 @@ class LiveppServer:
             if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
                 raise LiveppError("policies must be a list of policy specs such as 'early-stop:threshold=8'")
             [parse_policy(s) for s in specs]
+            steps = data.get("steps")
+            if steps is True:
+                steps = DEFAULT_STEP_REGEX
+            elif steps is False:
+                steps = None
+            elif steps is not None and not (isinstance(steps, str) and len(steps) <= self.config.max_stop_length):
+                raise LiveppError(f"steps must be true, false or a step regex of at most {self.config.max_stop_length} characters")
+            if steps is not None:
+                StepSegmenter(steps)  # a bad regex is the client's error, now
         except (LiveppError, TypeError) as exc:
             raise ClientError("bad_params", str(exc)) from None
         self._check_limits(params, specs)
         job = self._new_job(data, jobs)
-        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, OutboxSink(loop, outbox, job.id, job))
+        self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, steps, OutboxSink(loop, outbox, job.id, job))
 
     def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
         c = self.config
@@ -318,7 +328,7 @@ class LiveppServer:
 
         job.done = loop.run_in_executor(self._workers, work)
 
-    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], sink: OutboxSink) -> None:
+    def _run_job(self, job: Job, prompt: str, params: GenerationParams, specs: list[str], steps: str | None, sink: OutboxSink) -> None:
         """Worker thread: one generation, monitored here, decoded by the engine."""
         engine = self.job_engine(job, sink)
         try:
@@ -327,7 +337,7 @@ class LiveppServer:
             job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
             return
         metrics = self.metrics.sink(job.id, "generate", job.accepted_at)
-        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink, metrics], keep_events=False)
+        monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink, metrics], keep_events=False, steps=steps)
         try:
             monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32}, engine=engine.kind)
         except Exception as exc:  # the end event (reason "error") is queued before this
