@@ -35,7 +35,7 @@ from livepp.core.events import TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import BatchRequest, Row, SteppedRows, new_row, sample_rows
+from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, sample_rows
 from livepp.engines.torch.decoder import encode_prompt
 
 __all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
@@ -196,17 +196,9 @@ class LlamaCppEngine:
         return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close)
 
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "LlamaBatch":
-        if len(prompts) != len(params):
-            raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
         if len(prompts) > self.max_rows:
             raise LiveppError(f"this llama.cpp engine decodes at most {self.max_rows} rows at once, got {len(prompts)}")
-        ids: dict[tuple[str, bool], tuple[int, ...]] = {}
-        requests = []
-        for prompt, p in zip(prompts, params):
-            key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
-            if key not in ids:
-                ids[key] = tuple(self.encode(prompt, raw=p.raw))
-            requests.append(BatchRequest(ids[key], p))
+        requests = batch_requests(self.encode, prompts, params)
         rows = [new_row(self, i, r) for i, r in enumerate(requests)]  # validates before any compute
         return LlamaBatch(self, rows)
 

@@ -28,13 +28,13 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from livepp.core.events import TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
 from livepp.engines.protocol import Prompt, local_kind, supports_continuous_batching
-from livepp.engines.torch.batch import BatchRequest, Row, new_row, sample_rows
+from livepp.engines.torch.batch import Row, batch_requests, new_row, sample_rows
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
 
@@ -76,7 +76,6 @@ class _Slot:
     row: Row
     cancelled: str | None = None
     done: bool = False
-    opened_at: float = field(default_factory=time.perf_counter)
 
 
 class Scheduler:
@@ -120,8 +119,6 @@ class Scheduler:
         return ScheduledStream(self, self._submit([prompt], [params]))
 
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "ScheduledBatch":
-        if len(prompts) != len(params):
-            raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
         return ScheduledBatch(self, self._submit(prompts, params))
 
     def status(self) -> dict[str, int]:
@@ -145,13 +142,7 @@ class Scheduler:
     def _submit(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> _Channel:
         channel = _Channel()
         with self._tokenizer:
-            ids = {}
-            for prompt, p in zip(prompts, params):
-                key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
-                if key not in ids:
-                    ids[key] = tuple(self.backend.encode(prompt, raw=p.raw))
-            rows = [new_row(self.text, i, BatchRequest(ids[(pr if isinstance(pr, str) else repr(list(pr)), p.raw)], p))
-                    for i, (pr, p) in enumerate(zip(prompts, params))]
+            rows = [new_row(self.text, i, r) for i, r in enumerate(batch_requests(self.backend.encode, prompts, params))]
         with self._cv:
             if self._stopping:
                 raise LiveppError("the engine is shutting down")

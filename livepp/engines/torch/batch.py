@@ -19,17 +19,17 @@ changes a number; only padding changes which kernels run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from livepp.engines.torch.decoder import Decoder, TextTracker, token_record
 from livepp.core.events import TokenRecord
-from livepp.core.params import GenerationParams
+from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import RowBatch
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "Row", "new_row", "sample_rows", "SteppedRows", "BatchStream", "BatchDecoder"]
+__all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "SteppedRows", "BatchStream", "BatchDecoder"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,21 @@ class Row:
     done: bool = False
     finish: str | None = None
     stats: Any = field(default=None, repr=False)
+
+
+def batch_requests(encode: Callable[..., list[int]], prompts: Sequence[Any], params: Sequence[GenerationParams]) -> list[BatchRequest]:
+    """One request per row. Each distinct prompt (with its ``raw`` flag) is
+    encoded once, so the N samples of a prompt share its ids, and so its prefill."""
+    if len(prompts) != len(params):
+        raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
+    ids: dict[tuple[str, bool], tuple[int, ...]] = {}
+    requests = []
+    for prompt, p in zip(prompts, params):
+        key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
+        if key not in ids:
+            ids[key] = tuple(encode(prompt, raw=p.raw))
+        requests.append(BatchRequest(ids[key], p))
+    return requests
 
 
 def new_row(dec: Decoder, index: int, request: BatchRequest) -> Row:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.params import GenerationParams
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import BatchDecoder, BatchRequest, BatchStream
+from livepp.engines.torch.batch import BatchDecoder, BatchStream, batch_requests
 from livepp.engines.torch.decoder import Decoder
 from livepp.engines.torch.models import LoadedModel, load_model
 
@@ -36,16 +36,7 @@ class TorchEngine:
         return self.decoder.stream(self.decoder.encode(prompt, raw=params.raw), params)
 
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> BatchStream:
-        if len(prompts) != len(params):
-            raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
-        # A prompt repeated for N samples is encoded once (and prefilled once).
-        cache: dict[tuple[str, bool], tuple[int, ...]] = {}
-        requests = []
-        for prompt, p in zip(prompts, params):
-            key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
-            if key not in cache:
-                cache[key] = tuple(self.decoder.encode(prompt, raw=p.raw))
-            requests.append(BatchRequest(cache[key], p))
+        requests = batch_requests(self.decoder.encode, prompts, params)
         return BatchDecoder(self.decoder).stream(requests)
 
 
