@@ -68,6 +68,21 @@ _METRICS = {
 }
 
 
+class _Streak:
+    """How many checked tokens in a row a condition has held, against a patience."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.count = patience, 0
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def holds(self, condition: bool) -> bool:
+        """Count this token; True once the condition has held ``patience`` times in a row."""
+        self.count = self.count + 1 if condition else 0
+        return self.count >= self.patience
+
+
 class EarlyStop:
     """Stop when a perplexity crosses a threshold.
 
@@ -101,26 +116,22 @@ class EarlyStop:
         self.patience = patience
         self.name = f"EarlyStop({metric}>{threshold:g})"
         self._value = _METRICS[metric]
-        self._streak = 0
+        self._streak = _Streak(patience)
 
     def reset(self) -> None:
-        self._streak = 0
+        self._streak.reset()
 
     def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
         if tracker.n < self.min_tokens:
             return CONTINUE
         value = self._value(tracker)
-        if value > self.threshold:
-            self._streak += 1
-        else:
-            self._streak = 0
-        if self._streak < self.patience:
+        if not self._streak.holds(value > self.threshold):
             return CONTINUE
         return Decision(
             "stop",
             self.name,
             f"{self.metric} {value:.3f} > {self.threshold:g} "
-            f"for {self._streak} token(s) after {tracker.n} tokens",
+            f"for {self._streak.count} token(s) after {tracker.n} tokens",
         )
 
 
@@ -232,19 +243,18 @@ class VarentropyStop:
             raise ValueError(f"action must be stop or note, got {action!r}")
         self.threshold, self.min_tokens, self.patience, self.action = threshold, min_tokens, patience, action
         self.name = f"VarentropyStop(varentropy>{threshold:g})"
-        self._streak = 0
+        self._streak = _Streak(patience)
 
     def reset(self) -> None:
-        self._streak = 0
+        self._streak.reset()
 
     def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
         if tracker.n < self.min_tokens:
             return CONTINUE
         v = event.varentropy
-        self._streak = self._streak + 1 if v is not None and v > self.threshold else 0
-        if self._streak < self.patience:
+        if not self._streak.holds(v is not None and v > self.threshold):
             return CONTINUE
-        return Decision(self.action, self.name, f"varentropy {v:.3f} > {self.threshold:g} for {self._streak} token(s) after {tracker.n} tokens")  # type: ignore[arg-type]
+        return Decision(self.action, self.name, f"varentropy {v:.3f} > {self.threshold:g} for {self._streak.count} token(s) after {tracker.n} tokens")  # type: ignore[arg-type]
 
 
 class StepPPL:
