@@ -31,6 +31,7 @@ from transformers import TextIteratorStreamer
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor, load_model
 from livepp.core.sinks import event_json
+from livepp.engines.torch.engine import TorchEngine
 
 PROMPT = "Write a long story about a cat who learns to sail."
 
@@ -62,24 +63,8 @@ def hf_streamer(model, tokenizer, ids, n):
     return n / (time.perf_counter() - t)
 
 
-def livepp_full(decoder, prompt_ids, n):
-    params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=5, confidence_k=20, entropy=True)
-    monitor = Monitor(policies=[EarlyStop(1e9, metric="window_ppl")], sinks=[JsonSerialisingSink()], keep_events=False)
-    t = time.perf_counter()
-    result = monitor.run(decoder.stream(prompt_ids, params))
-    assert result.end.n_tokens == n
-    return n / (time.perf_counter() - t)
-
-
-def livepp_bare(decoder, prompt_ids, n):
-    params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=0, confidence_k=0, entropy=False)
-    t = time.perf_counter()
-    count = sum(1 for _ in decoder.stream(prompt_ids, params))
-    assert count == n
-    return n / (time.perf_counter() - t)
-
-
-def llama_full(engine, n):
+def livepp_full(engine, n):
+    """Any engine, with full monitoring: the statistics, a policy and every event serialised."""
     params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=5, confidence_k=20, entropy=True)
     monitor = Monitor(policies=[EarlyStop(1e9, metric="window_ppl")], sinks=[JsonSerialisingSink()], keep_events=False)
     t = time.perf_counter()
@@ -88,7 +73,8 @@ def llama_full(engine, n):
     return n / (time.perf_counter() - t)
 
 
-def llama_off(engine, n):
+def livepp_bare(engine, n):
+    """The same engine loop with monitoring off: token id and logprob only."""
     params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=0, confidence_k=0, entropy=False)
     t = time.perf_counter()
     count = sum(1 for _ in engine.open(PROMPT, params))
@@ -137,6 +123,7 @@ def main() -> None:
 
     loaded = load_model()
     decoder = Decoder(loaded)
+    engine = TorchEngine(decoder)
     prompt_ids = decoder.encode(PROMPT)
     ids = torch.tensor([prompt_ids])
     print(f"model {loaded.name}, {len(prompt_ids)} prompt tokens, {n} new tokens, batch 1, "
@@ -145,19 +132,19 @@ def main() -> None:
     runs = {
         "HF generate (greedy)": lambda: hf_generate(loaded.model, ids, n),
         "HF generate + TextIteratorStreamer": lambda: hf_streamer(loaded.model, loaded.tokenizer, ids, n),
-        "livepp, full monitoring": lambda: livepp_full(decoder, prompt_ids, n),
-        "livepp, monitoring off": lambda: livepp_bare(decoder, prompt_ids, n),
+        "livepp, full monitoring": lambda: livepp_full(engine, n),
+        "livepp, monitoring off": lambda: livepp_bare(engine, n),
     }
     compiled = None
     if args.compile:
         compiled = Decoder(loaded).compile(max_cache_len=len(prompt_ids) + n + 8)
         t = time.perf_counter()
-        livepp_full(compiled, prompt_ids, n)  # first run compiles
+        livepp_full(TorchEngine(compiled), n)  # first run compiles
         compile_s = time.perf_counter() - t
         greedy = GenerationParams(max_new_tokens=n, ignore_eos=True)
         same = [r.token_id for r in compiled.stream(prompt_ids, greedy)] == [r.token_id for r in decoder.stream(prompt_ids, greedy)]
         print(f"compiled decoder ready after {compile_s:.0f} s; greedy ids equal to eager: {same}")
-        runs["livepp --compile, full monitoring"] = lambda: livepp_full(compiled, prompt_ids, n)
+        runs["livepp --compile, full monitoring"] = lambda: livepp_full(TorchEngine(compiled), n)
 
     llama = None
     if not args.no_llama:
@@ -170,8 +157,8 @@ def main() -> None:
             bare_ctx = LlamaContext(llama.path, n_seq=1)
             llm = Llama(llama.path, n_ctx=2048, verbose=False, logits_all=True)
             llama_ids = llama.encode(PROMPT)
-            runs["llama.cpp engine, full monitoring"] = lambda: llama_full(llama, n)
-            runs["llama.cpp engine, monitoring off"] = lambda: llama_off(llama, n)
+            runs["llama.cpp engine, full monitoring"] = lambda: livepp_full(llama, n)
+            runs["llama.cpp engine, monitoring off"] = lambda: livepp_bare(llama, n)
             runs["llama.cpp raw loop (argmax only)"] = lambda: llama_bare(bare_ctx, llama_ids, n)
             runs["llama-cpp-python stream, logprobs=5"] = lambda: llama_own_logprobs(llm, llama_ids, n)
             runs["llama.cpp engine, batch 8 (aggregate)"] = lambda: llama_batch(llama, 8, n)
