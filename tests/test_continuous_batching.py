@@ -41,20 +41,27 @@ def tokens(events: list[dict]) -> tuple[list[int], list[float]]:
     return [e["token_id"] for e in toks], [e["logprob"] for e in toks]
 
 
+def clients_at_once(url: str, prompts: list[str], params: list[dict], timeout: float = 300) -> dict:
+    """Each prompt from its own websocket client, all sent together once
+    every client is connected; every client's events by id c0, c1, ..."""
+    out: dict = {}
+    start = threading.Event()
+    threads = [threading.Thread(target=client, args=(url, f"c{i}", p, q, out, start)) for i, (p, q) in enumerate(zip(prompts, params))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    start.set()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
 def test_eight_clients_each_equal_their_request_run_alone(decoder):
     s = RunningServer(decoder, max_batch=8)
     params = [{"max_new_tokens": 20, "ignore_eos": True} if i % 2 == 0 else
               {"max_new_tokens": 20, "ignore_eos": True, "temperature": 0.8, "seed": 10 + i} for i in range(8)]
-    out: dict = {}
-    start = threading.Event()
-    threads = [threading.Thread(target=client, args=(s.url, f"c{i}", PROMPTS[i], params[i], out, start)) for i in range(8)]
     try:
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        start.set()
-        for t in threads:
-            t.join(300)
+        out = clients_at_once(s.url, PROMPTS[:8], params)
         scheduler = s.server.scheduler
         assert scheduler.peak_batch >= 6, "the requests should have shared forward passes"
         assert scheduler.forward_passes < 8 * 20 / 3

@@ -164,24 +164,15 @@ def test_score_on_llamacpp_batched_and_exact_paths_and_against_torch(loaded, lla
 
 
 def test_the_service_batches_llamacpp_requests_and_each_equals_its_run_alone(llama):
-    import threading
-
-    from test_continuous_batching import client, tokens
+    from test_continuous_batching import clients_at_once, tokens
     from test_server import RunningServer
 
     served = LlamaCppEngine()
     s = RunningServer(served, max_batch=4)
     params = [{"max_new_tokens": 16, "ignore_eos": True} if i % 2 == 0 else
               {"max_new_tokens": 16, "ignore_eos": True, "temperature": 0.8, "seed": 7 + i} for i in range(4)]
-    out: dict = {}
-    start = threading.Event()
-    threads = [threading.Thread(target=client, args=(s.url, f"c{i}", PROMPTS[i], params[i], out, start)) for i in range(4)]
     try:
-        for t in threads:
-            t.start()
-        start.set()
-        for t in threads:
-            t.join(120)
+        out = clients_at_once(s.url, PROMPTS[:4], params, timeout=120)
         assert s.server.scheduler.peak_batch >= 3 and s.server.scheduler.kind == "llama.cpp"
     finally:
         s.stop()
