@@ -93,7 +93,7 @@ def greedy_token_scores(
     return ScoreResult(tokens=tokens, first_token_rule="generated tokens only, each conditioned on the prompt and the tokens before it")
 
 
-def _row_params(prompts: Sequence[Prompt], n: int, params: GenerationParams) -> tuple[list[Prompt], list[GenerationParams]]:
+def prompt_rows(prompts: Sequence[Prompt], n: int, params: GenerationParams) -> tuple[list[Prompt], list[GenerationParams]]:
     """Prompts in order, then samples: sample i = prompt i // n, draw i % n.
     Draw j of a seeded request uses seed + j, so samples differ and repeat."""
     from dataclasses import replace
@@ -131,7 +131,7 @@ def stream_many(
     from livepp.core.batch_monitor import MonitoredBatch
 
     params = params or GenerationParams()
-    rows, row_params = _row_params(prompts, n, params)
+    rows, row_params = prompt_rows(prompts, n, params)
     engine = as_engine(model)
     settings = {"window": window, "ema_alpha": ema_alpha, "confidence_window": confidence_window}
     batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name, engine=engine.kind,

@@ -35,15 +35,21 @@ __all__ = ["serve_cmd"]
               help="Requests that may wait for room in the batch (they get a 'queued' event); past it a request gets a 'busy' error.")
 @click.option("--prefill-chunk", type=click.IntRange(min=16), default=256, show_default=True,
               help="A longer prompt is prefilled this many tokens at a time, so running requests wait at most one chunk.")
+@click.option("--policy", "policy_specs", multiple=True, metavar="SPEC",
+              help="A policy every request runs (repeatable), besides its own, e.g. 'early-stop:threshold=8,metric=window_ppl'.")
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
-              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, engine_kind, device, dtype) -> None:
-    """Serve the live page at / , the websocket API at /ws and /healthz.
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, engine_kind, device, dtype) -> None:
+    """Serve the live page at / , the websocket API at /ws, the
+    OpenAI-compatible API at /v1 and /healthz. With --remote, a monitoring
+    gateway: /v1 requests go on to that engine, each one monitored, stoppable
+    by policies and shown on the page.
 
     \b
     Examples:
       livepp serve                      # then open http://127.0.0.1:8765/
       livepp serve --port 0 --token s3cret
+      livepp serve --remote http://127.0.0.1:8000/v1 --remote-model qwen --policy early-stop:threshold=8
     """
     from livepp.cli.main import _fail
 
@@ -72,12 +78,13 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
         config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
                               max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
                               allowed_hosts=tuple(allowed_hosts), calibration=calibration, max_batch=max_batch, max_queue=max_queue,
-                              prefill_chunk=prefill_chunk, max_running_jobs=max(32, max_batch + max_queue))
+                              prefill_chunk=prefill_chunk, max_running_jobs=max(32, max_batch + max_queue),
+                              default_policies=tuple(policy_specs))
         server = LiveppServer(engine, config)
         batching = f"continuous batching of up to {max_batch}, queue {max_queue}" if server.scheduler is not None else "one request step at a time"
 
         def ready(bound: int) -> None:
-            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ ({batching}; websocket /ws, health /healthz, "
+            click.echo(f"livepp: serving {name} on http://{host}:{bound}/ ({batching}; websocket /ws, OpenAI API /v1, health /healthz, "
                        "metrics /metrics); Ctrl-C stops", err=True)
 
         asyncio.run(serve_forever(server, ready=ready))

@@ -35,6 +35,7 @@ and the engine's own word is kept in ``engine_finish_reason``.
 from __future__ import annotations
 
 import codecs
+import copy
 import dataclasses
 import functools
 import os
@@ -56,9 +57,11 @@ __all__ = ["OpenAIStream", "OpenAIEngine", "RemoteError", "source_from_options",
 class RemoteError(LiveppError):
     """The remote engine failed: unreachable, an HTTP error, a broken stream."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, upstream: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        # The engine's own OpenAI-shaped error ({"message", "type", ...}) when it sent one.
+        self.upstream = upstream
 
 
 class OpenAIEngine:
@@ -118,6 +121,14 @@ class OpenAIEngine:
             body["prompt"] = prompt
             body["logprobs"] = max(k, 1)
         return body
+
+    def with_api(self, api: str) -> "OpenAIEngine":
+        """The same endpoint and model through the other API (chat or completions)."""
+        if api not in ("chat", "completions"):
+            raise LiveppError(f"api must be 'chat' or 'completions', got {api!r}")
+        other = copy.copy(self)
+        other.api = api
+        return other
 
     def open(self, prompt: Prompt, params: GenerationParams) -> "OpenAIStream":
         """One streaming request; it connects when first read."""
@@ -199,7 +210,8 @@ class OpenAIStream:
         if status >= 400:
             detail = self._response.read(2000).decode("utf-8", "replace").strip()
             self._fail_closed()
-            raise RemoteError(f"HTTP {status} from {where}: {detail or self._response.reason}", status=status)
+            raise RemoteError(f"HTTP {status} from {where}: {detail or self._response.reason}", status=status,
+                              upstream=_upstream_error(detail))
         kind = (self._response.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if kind != "text/event-stream":
             self._fail_closed()
@@ -377,6 +389,18 @@ def _shutdown(sock: socket.socket | None) -> None:
 
 
 _FINISH = {"stop": "eos", "eos": "eos", "tool_calls": "eos", "function_call": "eos", "length": "length"}
+
+
+def _upstream_error(detail: str) -> dict[str, Any] | None:
+    """The ``error`` object of an OpenAI-shaped error body, if it is one."""
+    try:
+        data = json.loads(detail)
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, str):
+        return {"message": error}
+    return error if isinstance(error, dict) and isinstance(error.get("message"), str) else None
 
 
 def map_finish_reason(reason: str | None) -> str | None:

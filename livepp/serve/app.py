@@ -18,7 +18,10 @@ Protocol (JSON text messages on ``/ws``):
   ← start / token / policy / end events as ``livepp generate --json``, each with "id"
   ← {"type":"error","id":str|null,"code":str,"message":str}; the connection stays open
 HTTP: ``/healthz`` (JSON: running, queued, batch size), ``/metrics``
-(Prometheus text), ``/status`` (live requests; needs the token like ``/ws``).
+(Prometheus text), ``/status`` (live requests; needs the token like ``/ws``),
+and the OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``,
+``/v1/completions`` (:mod:`livepp.serve.openai_api`; ``Authorization: Bearer``
+with the same token).
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ class ServerConfig:
     max_top_logprobs: int = 20
     max_policies: int = 8
     calibration: str | None = None  # for "route"; default: the shipped one
+    # Policies every generate and /v1 request runs, before the request's own.
+    default_policies: tuple[str, ...] = ()
+    max_body_bytes: int = 1 << 20  # a /v1 request body
 
 
 def _host_name(host_header: str) -> str:
@@ -123,6 +129,8 @@ class LiveppServer:
                                            prefill_chunk=config.prefill_chunk)
                 engine = self.scheduler
         self.engine = engine
+        for spec in config.default_policies:
+            parse_policy(spec)  # a bad default is the operator's error, now
         self.metrics = ServerMetrics(self.status)
         self.runner = ModelRunner()
         self.jobs: set[Job] = set()
@@ -130,6 +138,10 @@ class LiveppServer:
         self._workers = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="livepp-job")
         self._shutting_down = False
         self._page = _page()
+        self.front_connections: set[Any] = set()
+        from livepp.serve.openai_api import OpenAIApi
+
+        self.openai = OpenAIApi(self)
 
     # ---- HTTP side: page, health, auth and origin checks -----------------
     def host_allowed(self, host_header: str | None) -> bool:
@@ -309,6 +321,23 @@ class LiveppServer:
             raise ClientError("busy", f"the server runs at most {self.config.max_running_jobs} requests at once; try again later")
         return Job(request_id)
 
+    def admit(self, job: Job) -> Job:
+        """Count a request that is not tied to a websocket connection (a /v1 request)."""
+        if self._shutting_down:
+            from livepp.serve.openai_schema import OpenAIError
+
+            raise OpenAIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+        if len(self.jobs) >= self.config.max_running_jobs:
+            from livepp.serve.openai_schema import OpenAIError
+
+            raise OpenAIError(429, f"the server runs at most {self.config.max_running_jobs} requests at once; try again later",
+                              type="server_error", code="busy")
+        self.jobs.add(job)
+        return job
+
+    def release(self, job: Job) -> None:
+        self.jobs.discard(job)
+
     def _launch(self, job: Job, jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop, fn: Any, *args: Any) -> None:
         jobs[job.id] = job
         self.jobs.add(job)
@@ -337,6 +366,7 @@ class LiveppServer:
             job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
             return
         metrics = self.metrics.sink(job.id, "generate", job.accepted_at)
+        specs = [*self.config.default_policies, *specs]
         monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[sink, metrics], keep_events=False, steps=steps)
         try:
             monitor.run(stream, model=engine.name, params=params.to_dict() | {"window": 32}, engine=engine.kind)
@@ -359,6 +389,8 @@ class LiveppServer:
         pending = [j.done for j in list(self.jobs) if j.done is not None]
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        for connection in list(self.front_connections):
+            connection.abort_http()  # idle or half-sent HTTP requests
         self.runner.shutdown()
         if self.scheduler is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
@@ -393,7 +425,11 @@ async def serve_forever(
     """Serve until ``stop`` is set (or SIGINT/SIGTERM), then shut down cleanly:
     running generations end with reason "shutdown" and their end events are
     sent before connections close. ``ready(port)`` is called once listening."""
+    import functools
+
     from websockets.asyncio.server import serve
+
+    from livepp.serve.http_front import FrontConnection
 
     config = server.config
     stop = stop or asyncio.Event()
@@ -412,6 +448,9 @@ async def serve_forever(
         config.port,
         process_request=server.process_request,
         max_size=max(1 << 20, 4 * config.max_message_bytes),
+        # The OpenAI API's POSTs and streamed replies are answered before websockets sees them.
+        create_connection=functools.partial(FrontConnection, http_handler=server.openai.handle,
+                                            max_body=config.max_body_bytes, registry=server.front_connections),
     ) as ws_server:
         port = ws_server.sockets[0].getsockname()[1]
         if ready is not None:
