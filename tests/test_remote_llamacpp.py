@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor
-from livepp.engines.torch.models import default_model_path
 from livepp.engines.remote import OpenAIEngine
+from llama_server import llama_server
 
 pytestmark = pytest.mark.model
 
@@ -30,32 +25,9 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     pytest.importorskip("llama_cpp.server", reason="install the test extras: pip install -e '.[test]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("engine") / "server.log"
-    out = log.open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--logits_all", "true", "--model_alias", "smollm2"],
-        stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"},
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"llama.cpp server exited: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-    else:
-        pytest.fail("llama.cpp server did not start")
-    yield url, log
-    proc.terminate()
-    proc.wait(30)
-    out.close()
+    with llama_server(log) as url:
+        yield url, log
 
 
 def non_streamed_logprobs(url: str, max_tokens: int) -> tuple[list[float], str]:
