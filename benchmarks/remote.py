@@ -15,36 +15,21 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
-import subprocess
+import contextlib
+import tempfile
 import sys
 import time
-import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from livepp import EarlyStop, GenerationParams, Monitor
-from livepp.engines.torch.models import default_model_path
 from livepp.engines.remote import OpenAIEngine
 from livepp.core.sinks import event_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from llama_server import llama_server  # noqa: E402
+
 PROMPT = "Write a long story about a cat who learns to sail."
-
-
-def start_llamacpp() -> tuple[str, subprocess.Popen]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-                             "--port", str(port), "--n_ctx", "2048", "--logits_all", "true", "--model_alias", "smollm2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url + "/models", timeout=2)
-            return url, proc
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("llama.cpp server did not start")
 
 
 def timed(fn, *args) -> tuple[float, float]:
@@ -91,11 +76,8 @@ def main() -> None:
     ap.add_argument("--url")
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args()
-    proc = None
-    url = args.url
-    if url is None:
-        url, proc = start_llamacpp()
-    try:
+    with contextlib.ExitStack() as stack:
+        url = args.url or stack.enter_context(llama_server(Path(tempfile.mkdtemp()) / "llama-server.log"))
         raw_stream(url, args.model, 8)  # warm-up
         best_raw = best_mon = 0.0
         cpu_raw, cpu_mon = [], []
@@ -112,10 +94,6 @@ def main() -> None:
         print(f"  {'livepp monitored':<34} {best_mon:9.1f} {mon_ms:14.2f} ms")
         print(f"  wall-clock overhead               {100 * (1 - best_mon / best_raw):6.1f}%   (engine speed varies run to run)")
         print(f"  livepp's extra client CPU         {100 * (mon_ms - raw_ms) / interval_ms:6.2f}% of each token's interval   (target <= 3%)")
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
 
 
 if __name__ == "__main__":
