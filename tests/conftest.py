@@ -71,3 +71,14 @@ def decoder(loaded):
     from livepp import Decoder
 
     return Decoder(loaded)
+
+
+@pytest.fixture(scope="session")
+def llama_upstream(tmp_path_factory):
+    """llama.cpp's own OpenAI-compatible server with the embedded GGUF: (base URL, log file)."""
+    pytest.importorskip("llama_cpp.server", reason="install the test extras: pip install -e '.[test]'")
+    from llama_server import llama_server
+
+    log = tmp_path_factory.mktemp("llama-upstream") / "server.log"
+    with llama_server(log) as url:
+        yield url, log

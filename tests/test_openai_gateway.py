@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from livepp.engines.remote import OpenAIEngine
-from llama_server import MODEL_ALIAS, llama_server
+from llama_server import MODEL_ALIAS
 from test_server import RunningServer
 
 pytestmark = pytest.mark.model
@@ -22,11 +22,8 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory):
-    pytest.importorskip("llama_cpp.server", reason="install the test extras: pip install -e '.[test]'")
-    log = tmp_path_factory.mktemp("upstream") / "server.log"
-    with llama_server(log) as url:
-        yield url, log
+def upstream(llama_upstream):
+    return llama_upstream
 
 
 @pytest.fixture(scope="module")

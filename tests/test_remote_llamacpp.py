@@ -15,7 +15,6 @@ import pytest
 
 from livepp import Decoder, EarlyStop, GenerationParams, Monitor
 from livepp.engines.remote import OpenAIEngine
-from llama_server import llama_server
 
 pytestmark = pytest.mark.model
 
@@ -23,11 +22,8 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    pytest.importorskip("llama_cpp.server", reason="install the test extras: pip install -e '.[test]'")
-    log = tmp_path_factory.mktemp("engine") / "server.log"
-    with llama_server(log) as url:
-        yield url, log
+def engine(llama_upstream):
+    return llama_upstream
 
 
 def non_streamed_logprobs(url: str, max_tokens: int) -> tuple[list[float], str]:
