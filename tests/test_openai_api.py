@@ -250,3 +250,19 @@ def test_a_client_that_leaves_mid_stream_stops_its_request(client, model, server
     cancelled = [s for s in server.server.metrics.requests.collect()[0].samples
                  if s.labels.get("reason") == "cancelled" and s.name.endswith("_total")]
     assert cancelled and cancelled[0].value >= 1
+
+
+def test_the_servers_default_policies_apply_to_every_request(decoder):
+    spec = "early-stop:threshold=2.2,metric=window_ppl,min_tokens=4"
+    want = generate_json(decoder, PROMPT, "--max-new-tokens", "48", "--policy", spec)
+    assert want[-1]["reason"] == "policy"
+    s = RunningServer(decoder, default_policies=(spec,))
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": PROMPT}],
+                                      max_tokens=48, temperature=0)
+    finally:
+        s.stop()
+    extra = r.choices[0].model_extra["livepp"]
+    assert extra["reason"] == "policy" and extra["n_tokens"] == want[-1]["n_tokens"]
+    assert r.choices[0].message.content == want[-1]["text"]
