@@ -114,3 +114,36 @@ def test_upstream_errors_pass_through_in_openais_schema(decoder, client):
     with pytest.raises(openai.InternalServerError) as broken:
         client.chat.completions.create(model=MODEL_ALIAS, messages=[{"role": "user", "content": "word " * 3000}], max_tokens=2)
     assert broken.value.status_code == 502 and broken.value.body["type"] == "upstream_error"
+
+
+def test_generate_remote_proxy_scores_the_engines_text_with_the_local_model(upstream, decoder):
+    """An engine asked for no logprobs: the local model scores its text live,
+    and the numbers equal `livepp score` of that text given the prompt."""
+    url, log = upstream
+    from click.testing import CliRunner
+
+    from livepp.cli.main import main
+    from livepp.engines.torch.engine import TorchEngine
+
+    def run(*args):
+        r = CliRunner().invoke(main, list(args), obj={"engine": TorchEngine(decoder)})
+        assert r.exit_code == 0, r.output
+        return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+    events = run("generate", PROMPT, "--remote", url, "--remote-model", MODEL_ALIAS, "--proxy", "--max-new-tokens", "40", "--json")
+    assert events[0]["engine"] == "proxy" and events[0]["params"]["proxy"] == "SmolLM2-135M-Instruct"
+    end = events[-1]
+    reference = run("score", "--prompt", PROMPT, "--target", end["text"], "--chat", "--json")[0]
+    tokens = [e for e in events if e["type"] == "token"]
+    assert [t["token_id"] for t in tokens] == [t["token_id"] for t in reference["tokens"]]
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(tokens, reference["tokens"])) <= 1e-4
+    assert end["ppl"] == pytest.approx(reference["ppl"], rel=1e-4)
+
+    before = log.read_text().lower().count("disconnect")
+    stopped = run("generate", "Write a very long story about the sea.", "--remote", url, "--remote-model", MODEL_ALIAS, "--proxy",
+                  "--max-new-tokens", "300", "--policy", "early-stop:threshold=1.0001,metric=ppl,min_tokens=3", "--json")
+    assert stopped[-1]["reason"] == "policy" and stopped[-1]["n_tokens"] == 3
+    deadline = time.time() + 10
+    while log.read_text().lower().count("disconnect") <= before and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.read_text().lower().count("disconnect") > before, "the proxy's stop did not close the upstream request"

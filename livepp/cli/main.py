@@ -68,6 +68,9 @@ def main() -> None:
 @click.option("--remote-api", type=click.Choice(["chat", "completions"]), default="chat", show_default=True)
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the remote engine.")
+@click.option("--proxy", is_flag=True, help="With --remote: ask for text only and score it live with a local proxy model "
+              "(for engines that return no logprobs); the numbers are the proxy's PPL of the text, not the generator's.")
+@click.option("--proxy-model", "proxy_model_path", metavar="PATH", help="The proxy model (default: the embedded SmolLM2-135M-Instruct).")
 @device_options
 def generate(
     prompts: tuple[str, ...],
@@ -98,6 +101,8 @@ def generate(
     remote_api: str,
     api_key_env: str | None,
     timeout: float,
+    proxy: bool,
+    proxy_model_path: str | None,
     engine_kind: str,
     device: str,
     dtype: str,
@@ -158,20 +163,23 @@ def generate(
             _generate_batch(list(prompts), samples, engine, params, policies, window, as_json, steps)
             return
         text = _read_prompt(prompts[0] if prompts else None)
-        if as_json:
-            sinks: list[Any] = [JsonlSink(sys.stdout)]
+        if proxy:
+            if remote is None:
+                raise LiveppError("--proxy scores a remote engine's text: give --remote URL too (or use `livepp watch` for a file)")
+            from livepp.engines.torch.proxy import ProxyStream
+
+            loaded = getattr(local_engine(proxy_model_path, device=device, dtype=dtype, engine="torch"), "loaded", None)
+            if loaded is None:
+                raise LiveppError("--proxy scores with a local torch model; this engine has none")
+            upstream = engine.open_text(text, params)
+            stream: Any = ProxyStream(loaded, (r.text for r in upstream), params, prompt=text, chat=remote_api == "chat",
+                                      on_close=upstream.close)
+            name, kind = f"{loaded.name} (proxy for {engine.name})", "proxy"
+            start_params |= {"proxy": loaded.name}
         else:
-            from livepp.cli.terminal import TerminalView
-
-            threshold = " or ".join(p.name for p in policies)
-            sinks = [TerminalView(stop_threshold=threshold)]
-        from livepp.core.monitor import Monitor
-        from livepp.core.tracker import Tracker
-
-        tracker = Tracker(window=window)
-        settings = {"window": window, "ema_alpha": tracker.ema_alpha, "confidence_window": tracker.confidence_window}
-        monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window), steps=steps)
-        monitor.run(engine.open(text, params), model=engine.name, params=params.to_dict() | settings | start_params, engine=engine.kind)
+            stream, name, kind = engine.open(text, params), engine.name, engine.kind
+        monitor_one(stream, name=name, kind=kind, params=params.to_dict() | start_params, policies=policies,
+                    window=window, steps=steps, as_json=as_json)
     except LiveppError as exc:
         _fail(str(exc), as_json=as_json, code=2)
     except KeyboardInterrupt:
@@ -182,6 +190,24 @@ def generate(
         sys.exit(0)
     except Exception as exc:  # anything unexpected: one line, not a traceback
         _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+def monitor_one(stream: Any, *, name: str, kind: str, params: dict[str, Any], policies: list[Any], window: int,
+                steps: str | None, as_json: bool) -> Any:
+    """Run one token stream through the monitor to the terminal view or JSON lines."""
+    if as_json:
+        sinks: list[Any] = [JsonlSink(sys.stdout)]
+    else:
+        from livepp.cli.terminal import TerminalView
+
+        sinks = [TerminalView(stop_threshold=" or ".join(p.name for p in policies))]
+    from livepp.core.monitor import Monitor
+    from livepp.core.tracker import Tracker
+
+    tracker = Tracker(window=window)
+    settings = {"window": window, "ema_alpha": tracker.ema_alpha, "confidence_window": tracker.confidence_window}
+    monitor = Monitor(policies=policies, sinks=sinks, tracker_factory=lambda: Tracker(window=window), steps=steps)
+    return monitor.run(stream, model=name, params=params | settings, engine=kind)
 
 
 class _SampleJsonl:
@@ -231,8 +257,9 @@ def _register_commands() -> None:
     from livepp.cli.score import score
     from livepp.cli.serve import serve_cmd
     from livepp.cli.think import think_cmd
+    from livepp.cli.watch import watch_cmd
 
-    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd, think_cmd):
+    for command in (score, calibrate_cmd, route_cmd, replay_cmd, serve_cmd, think_cmd, watch_cmd):
         main.add_command(command)
 
 

@@ -41,6 +41,7 @@ import functools
 import os
 import http.client
 import json
+import math
 import socket
 from collections import deque
 from typing import Any, Iterator, Sequence
@@ -135,6 +136,16 @@ class OpenAIEngine:
         check_prompt(prompt)
         return OpenAIStream(self, self.request_body(prompt, params), top_k=params.top_logprobs)
 
+    def open_text(self, prompt: Prompt, params: GenerationParams) -> "OpenAIStream":
+        """One streaming request for text only (no logprobs asked): its
+        records carry the text deltas as they arrive, with no statistics
+        (``logprob`` NaN), for a proxy model to score."""
+        check_prompt(prompt)
+        body = self.request_body(prompt, params)
+        for key in ("logprobs", "top_logprobs"):
+            body.pop(key, None)
+        return OpenAIStream(self, body, top_k=0, text_only=True)
+
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> SequentialBatch:
         if len(prompts) != len(params):
             raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
@@ -161,8 +172,9 @@ def source_from_options(
 class OpenAIStream:
     """Iterator of :class:`TokenRecord` over one streaming request."""
 
-    def __init__(self, source: OpenAIEngine, body: dict[str, Any], *, top_k: int) -> None:
+    def __init__(self, source: OpenAIEngine, body: dict[str, Any], *, top_k: int, text_only: bool = False) -> None:
         self.source = source
+        self.text_only = text_only
         self.body = body
         self.top_k = top_k
         self.tokens_after_stop: int | None = None
@@ -345,6 +357,13 @@ class OpenAIStream:
             # Often on a last chunk that carries no token; the monitor reads it here.
             self.finish_reason = map_finish_reason(finish)
             self.engine_finish_reason = str(finish)
+        if self.text_only:
+            delta = choice.get("delta") or {}
+            content = delta.get("content") if self.source.api == "chat" else choice.get("text")
+            if count_only:
+                return [content] if content else []
+            self.received += 1 if content else 0
+            return [TokenRecord(token_id=-1, text=content, logprob=math.nan)] if content else []
         logprobs = choice.get("logprobs") or {}
         if self.source.api == "chat":
             items = [

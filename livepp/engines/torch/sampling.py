@@ -15,7 +15,7 @@ import torch
 
 from livepp.core.params import GenerationParams
 
-__all__ = ["StepStats", "next_token_stats", "unpack_stats", "processed_scores", "top_k"]
+__all__ = ["StepStats", "next_token_stats", "forced_token_stats", "unpack_stats", "processed_scores", "top_k"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
 #                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
@@ -143,3 +143,34 @@ def unpack_stats(values: list[float]) -> StepStats:
         varentropy=_optional(values[5]),
         top=tuple((int(i), v) for i, v in zip(top_ids, top_values)),
     )
+
+
+def forced_token_stats(logits: torch.Tensor, token_ids: list[int], params: GenerationParams) -> list[StepStats]:
+    """The statistics of given tokens (teacher forcing): row ``i`` of
+    ``logits`` [T, V] is the distribution ``token_ids[i]`` was drawn from.
+    Same quantities and layout as :func:`next_token_stats`, for T rows at
+    once with one host sync."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    rows = logprobs.shape[0]
+    nan = logprobs.new_full((rows, 1), math.nan)
+    target = torch.tensor(token_ids, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, target)
+    if params.entropy:
+        logp = logprobs.clamp(min=-1e4)
+        p = logp.exp()
+        entropy = -(p * logp).sum(-1, keepdim=True)
+        centred = logp + entropy
+        varentropy = (p * centred * centred).sum(-1, keepdim=True)
+    else:
+        entropy = varentropy = nan
+    n_top = min(max(params.top_logprobs, params.confidence_k), logprobs.shape[-1])
+    parts = [target.to(logprobs.dtype), chosen, entropy]
+    if n_top:
+        top_values, top_ids = torch.topk(logprobs, n_top, dim=-1)
+    parts.append(-top_values[:, : params.confidence_k].mean(-1, keepdim=True) if params.confidence_k else nan)
+    parts += [nan, varentropy]
+    k = params.top_logprobs
+    if k:
+        parts += [top_values[:, :k], top_ids[:, :k].to(logprobs.dtype)]
+    packed = torch.cat(parts, dim=1).double().tolist()  # the one host sync
+    return [unpack_stats(row) for row in packed]
