@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 from livepp.core.monitor import Monitor, Session
-from livepp.core.params import GenerationParams
-from livepp.core.policies import Policy
+from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.policies import Policy, injects
 from livepp.core.stream import BatchTokenStream
 from livepp.core.tracker import Tracker
 
@@ -32,7 +32,10 @@ class MonitoredBatch:
         for i, (p, ids) in enumerate(zip(params, stream.prompt_token_ids)):
             monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory, steps=steps)
             row_params = p.to_dict() | dict(run_params or {}) | {"sample": sample_offset + i}
-            self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=list(policies(i)),
+            row_policies = list(policies(i))
+            if injects(row_policies):
+                raise LiveppError("inject policies run on a single stream of a local engine, not on the rows of a batch")
+            self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=row_policies,
                                                  engine=engine))
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:

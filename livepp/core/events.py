@@ -64,6 +64,9 @@ class TokenRecord:
     sampling_logprob: float | None = None
     finish_reason: FinishReason | None = None
     varentropy: float | None = None  # variance of −log p under the raw distribution
+    # Text an intervention appended (an ``inject`` policy), not generated:
+    # shown, but counted in no statistic.
+    injected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,7 @@ class TokenEvent:
     surprise_z: float | None
     type: Literal["token"] = "token"
     varentropy: float | None = None
+    injected: bool = False  # appended by an inject policy; not in any statistic
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +187,8 @@ def to_json_dict(event: Event) -> dict[str, Any]:
         if f.name in ("type", "extra"):
             continue
         value = getattr(event, f.name)
+        if f.name == "injected" and not value:
+            continue  # only injected tokens say so
         if f.name == "top_logprobs":
             value = [
                 {"token_id": t.token_id, "text": t.text, "logprob": _json_float(t.logprob)}

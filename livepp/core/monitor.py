@@ -10,11 +10,13 @@ also when the source raises, so a consumer never waits for it in vain.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Protocol, Sequence
 
 from livepp.core.events import EndEvent, Event, PolicyEvent, StartEvent, TokenEvent, TokenRecord
-from livepp.core.policies import Policy, run_policies
+from livepp.core.params import LiveppError
+from livepp.core.policies import Policy, injects, run_policies
 from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
 from livepp.core.stream import TokenStream
 from livepp.core.tracker import Tracker
@@ -70,6 +72,7 @@ class Session:
         self._started = time.perf_counter()
         self._first_token_at: float | None = None
         self.stopped_by_policy = False
+        self.injections: list[str] = []  # texts inject policies asked for, not yet handed to the engine
         self._emit(StartEvent(model, tuple(prompt_token_ids), dict(params or {}), engine=engine))
 
     def _emit(self, event: Event) -> None:
@@ -79,6 +82,12 @@ class Session:
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         tracker = self.tracker
+        if record.injected:
+            # Shown where it stands in the text, counted nowhere: it carries the
+            # index the next generated token will have, and no policy sees it.
+            self._pieces.append(record.text)
+            self._emit(dataclasses.replace(Monitor._token_event(tracker.n, record, tracker), injected=True))
+            return False
         index = tracker.n
         tracker.update(record.logprob, entropy=record.entropy, confidence=record.confidence)
         self._pieces.append(record.text)
@@ -87,7 +96,9 @@ class Session:
         self._emit(event)
         for decision in run_policies(self.policies, event, tracker):
             self._emit(PolicyEvent(decision.policy, decision.action, index, decision.reason))
-            if decision.action != "note":
+            if decision.action == "inject":
+                self.injections.append(decision.text or "")
+            elif decision.action != "note":
                 self.stopped_by_policy = True
         if self.segmenter is not None:
             for step in self.segmenter.add(index, record.text, record.logprob, record.entropy, record.confidence):
@@ -183,6 +194,9 @@ class Monitor:
         cancelled server job), else "length". ``prompt_token_ids`` defaults
         to the stream's own."""
         ids = stream.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
+        inject = getattr(stream, "inject", None)
+        if injects(self.policies) and inject is None:
+            raise LiveppError("an inject policy needs a stream that can take text (a local engine's single stream)")
         session = self.session(model=model, prompt_token_ids=ids, params=params, engine=engine)
         reason = "length"
         try:
@@ -193,6 +207,8 @@ class Monitor:
                 if record.finish_reason is not None:
                     reason = record.finish_reason
                     break
+                while session.injections:
+                    inject(session.injections.pop(0))  # type: ignore[misc]
             else:
                 reason = stream.finish_reason or reason
         except KeyboardInterrupt:

@@ -12,9 +12,10 @@ state (``patience`` counters), so use a fresh instance per generation or call
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 from livepp.core.events import TokenEvent
 from livepp.core.params import LiveppError
@@ -34,12 +35,14 @@ __all__ = [
     "VarentropyStop",
     "StepPPL",
     "CARRouter",
+    "Inject",
+    "injects",
     "warmup_threshold",
     "parse_policy",
     "run_policies",
 ]
 
-Action = Literal["continue", "stop", "route", "note"]
+Action = Literal["continue", "stop", "route", "note", "inject"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,7 @@ class Decision:
     action: Action
     policy: str = ""
     reason: str = ""
+    text: str | None = None  # what an "inject" decision appends
 
 
 CONTINUE = Decision("continue")
@@ -138,8 +142,9 @@ class EarlyStop:
 def run_policies(policies: Iterable[Policy], event: TokenEvent, tracker: Tracker) -> list[Decision]:
     """Ask each policy in order and return what they said that was not continue.
 
-    Notes never end a generation, so every note is kept and asking goes on; the
-    first stop or route wins, ends the round and is the last item returned.
+    Notes and injections never end a generation, so they are kept and asking
+    goes on; the first stop or route wins, ends the round and is the last item
+    returned.
     """
     said: list[Decision] = []
     for policy in policies:
@@ -147,9 +152,68 @@ def run_policies(policies: Iterable[Policy], event: TokenEvent, tracker: Tracker
         if decision.action == "continue":
             continue
         said.append(decision)
-        if decision.action != "note":
+        if decision.action not in ("note", "inject"):
             break
     return said
+
+
+_WHEN = re.compile(r"^\s*(window_ppl|ppl|ema_ppl|entropy|varentropy|confidence|surprise_z)\s*([<>])\s*([-+0-9.eE]+)\s*$")
+_WHEN_VALUE: dict[str, Callable[[TokenEvent, Tracker], float | None]] = {
+    "window_ppl": lambda e, t: t.window_ppl, "ppl": lambda e, t: t.ppl, "ema_ppl": lambda e, t: t.ema_ppl,
+    "entropy": lambda e, t: e.entropy, "varentropy": lambda e, t: e.varentropy, "confidence": lambda e, t: e.confidence,
+    "surprise_z": lambda e, t: e.surprise_z,
+}
+
+
+class Inject:
+    """An intervention: when ``when`` holds (``METRIC>X`` or ``METRIC<X``,
+    METRIC one of window_ppl, ppl, ema_ppl, entropy, varentropy, confidence,
+    surprise_z), the engine appends ``text`` to the sequence (e.g. "\\nWait,"
+    to make the model reconsider, or an end-of-thinking marker to force the
+    answer) and decodes on from it. At most ``max`` injections per
+    generation, ``gap`` counted tokens apart, none before ``min_tokens``.
+    Injected tokens are shown (``"injected": true``) but counted in no
+    statistic and seen by no policy."""
+
+    def __init__(self, text: str, *, when: str = "window_ppl>6", min_tokens: int = 1, max: int = 1, gap: int = 16) -> None:
+        match = _WHEN.match(when)
+        if match is None:
+            raise ValueError(f"when must be METRIC>X or METRIC<X with METRIC one of {', '.join(_WHEN_VALUE)}, got {when!r}")
+        if not text:
+            raise ValueError("text must not be empty")
+        if max < 1 or min_tokens < 1 or gap < 1:
+            raise ValueError("max, min_tokens and gap must be >= 1")
+        self.metric, self.op, self.threshold = match.group(1), match.group(2), float(match.group(3))
+        self.text, self.min_tokens, self.max, self.gap = text, min_tokens, max, gap
+        self.name = f"Inject({self.metric}{self.op}{self.threshold:g})"
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.last_at: int | None = None
+
+    def check(self, event: TokenEvent, tracker: Tracker) -> Decision:
+        if self.count >= self.max or tracker.n < self.min_tokens:
+            return CONTINUE
+        if self.last_at is not None and tracker.n - self.last_at < self.gap:
+            return CONTINUE
+        value = _WHEN_VALUE[self.metric](event, tracker)
+        if value is None or not (value > self.threshold if self.op == ">" else value < self.threshold):
+            return CONTINUE
+        self.count += 1
+        self.last_at = tracker.n
+        return Decision("inject", self.name, f"{self.metric} {value:.3f} {self.op} {self.threshold:g}: inject {self.text!r} "
+                                             f"({self.count} of at most {self.max})", text=self.text)
+
+
+def injects(policies: Iterable[Any]) -> bool:
+    """Whether any of ``policies`` may ask the engine to inject text."""
+    return any(isinstance(p, Inject) for p in policies)
+
+
+def _unescape(text: str) -> str:
+    """Backslash escapes of a command-line spec: \\n, \\t and \\\\."""
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 class SpikeAlert:
@@ -343,6 +407,7 @@ _SPECS: dict[str, Any] = {
     "confidence-stop": (ConfidenceStop, {"threshold": float, "min_tokens": int}),
     "varentropy-stop": (VarentropyStop, {"threshold": float, "min_tokens": int, "patience": int, "action": str}),
     "step-ppl": (StepPPL, {"threshold": float, "action": str, "min_tokens": int}),
+    "inject": (Inject, {"when": str, "min_tokens": int, "max": int, "gap": int, "text": str}),
 }
 
 
@@ -352,14 +417,22 @@ def parse_policy(spec: str) -> Policy:
     Names: ``early-stop`` (threshold, metric, min_tokens, patience),
     ``spike`` (z, min_tokens), ``confidence-stop`` (threshold, min_tokens),
     ``varentropy-stop`` (threshold, min_tokens, patience, action=stop|note),
-    ``step-ppl`` (threshold, action=stop|note|route, min_tokens).
-    Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``.
+    ``step-ppl`` (threshold, action=stop|note|route, min_tokens),
+    ``inject`` (when, min_tokens, max, gap, and text last: everything after
+    ``text=`` is the text, commas included, with \\n and \\t escapes).
+    Example: ``early-stop:threshold=8,metric=window_ppl,min_tokens=16``,
+    ``inject:when=window_ppl>6,max=2,text=\\nWait,``.
     """
     name, _, rest = spec.strip().partition(":")
     if name not in _SPECS:
         raise LiveppError(f"unknown policy {name!r} in {spec!r}; known: {', '.join(_SPECS)}")
     cls, types = _SPECS[name]
     kwargs: dict[str, Any] = {}
+    if name == "inject":
+        head, found, text = rest.partition("text=")
+        if not found or (head and not head.rstrip().endswith(",")):
+            raise LiveppError("policy inject needs text=... as its last option, e.g. inject:when=window_ppl>6,text=\\nWait,")
+        kwargs["text"], rest = _unescape(text), head.rstrip().rstrip(",")
     for item in filter(None, (x.strip() for x in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
@@ -369,7 +442,7 @@ def parse_policy(spec: str) -> Policy:
             kwargs[key] = types[key](value.strip())
         except ValueError:
             raise LiveppError(f"policy {name}: {key} must be a {types[key].__name__}, got {value!r}") from None
-    if name != "spike" and "threshold" not in kwargs:
+    if name not in ("spike", "inject") and "threshold" not in kwargs:
         raise LiveppError(f"policy {name} needs threshold=..., e.g. {name}:threshold=8")
     try:
         return cls(**kwargs)

@@ -21,7 +21,7 @@ several samples runs on every engine.
 from __future__ import annotations
 
 from types import GeneratorType
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from livepp.core.events import TokenRecord
 
@@ -51,8 +51,11 @@ class RecordStream:
     the last record's; closing it closes a generator (no further compute)."""
 
     def __init__(self, records: Iterable[TokenRecord], *, prompt_token_ids: Sequence[int] = (),
-                 finish_reason: str | None = None, on_close: Callable[[], None] | None = None) -> None:
+                 finish_reason: str | None = None, on_close: Callable[[], None] | None = None,
+                 on_inject: Callable[[str], None] | None = None) -> None:
         self._records = records
+        if on_inject is not None:
+            self.inject = on_inject  # the engine appends this text to the sequence before its next token
         self._it = iter(records)
         self.prompt_token_ids = tuple(prompt_token_ids)
         self.finish_reason: str | None = None
@@ -114,6 +117,11 @@ class WrappedStream:
 
     def __next__(self) -> TokenRecord:
         return next(self.inner)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inject":  # only when the inner stream can take text
+            return getattr(self.inner, "inject")
+        raise AttributeError(name)
 
     def close(self) -> None:
         self.inner.close()

@@ -15,6 +15,8 @@ does not know it is compiled.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -25,7 +27,7 @@ from livepp.engines.torch.models import LoadedModel
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt, chat_messages, check_prompt
-from livepp.engines.torch.sampling import next_token_stats, unpack_stats
+from livepp.engines.torch.sampling import forced_token_stats, next_token_stats, unpack_stats
 
 __all__ = ["Decoder", "PromptTooLong", "TextTracker", "encode_prompt", "token_record", "eos_ids_of"]
 
@@ -72,6 +74,11 @@ class TextTracker:
         if finish is not None:
             text += self.detok.finish()
         return text, finish
+
+    def add_injected(self, token_id: int) -> str:
+        """The text of a token an intervention put in: detokenized with the
+        rest, but not counted and never an end."""
+        return self.detok.add(token_id)
 
 
 def encode_prompt(tok: Any, prompt: Prompt, *, raw: bool = False, name: str = "this model") -> list[int]:
@@ -204,11 +211,20 @@ class Decoder:
         ``finish_reason``. Validates before any compute; each forward pass
         runs only when the consumer asks for the next token."""
         self.check(prompt_ids, params)
-        return RecordStream(self._stream(list(prompt_ids), params), prompt_token_ids=prompt_ids)
+        injections: deque[str] = deque()
 
-    def _stream(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
+        def inject(text: str) -> None:
+            if self._compiled:
+                raise LiveppError("a compiled decoder cannot take injected text (its cache is static); run it uncompiled")
+            if not isinstance(text, str) or not text:
+                raise LiveppError("injected text must be a non-empty string")
+            injections.append(text)
+
+        return RecordStream(self._stream(list(prompt_ids), params, injections), prompt_token_ids=prompt_ids, on_inject=inject)
+
+    def _stream(self, prompt_ids: list[int], params: GenerationParams, injections: deque[str] | None = None) -> Iterator[TokenRecord]:
         if not self._compiled:
-            yield from self._decode(prompt_ids, params)
+            yield from self._decode(prompt_ids, params, injections)
             return
         if self._static_owner is not None:
             raise LiveppError("a compiled decoder has one KV cache and runs one stream at a time; "
@@ -220,7 +236,7 @@ class Decoder:
             if self._static_owner is owner:
                 self._static_owner = None
 
-    def _decode(self, prompt_ids: list[int], params: GenerationParams) -> Iterator[TokenRecord]:
+    def _decode(self, prompt_ids: list[int], params: GenerationParams, injections: deque[str] | None = None) -> Iterator[TokenRecord]:
         generator = None
         if not params.greedy and params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -240,6 +256,22 @@ class Decoder:
             yield token_record(stats, text, finish, self._alternatives(stats.top))
             if finish is not None:
                 return
+            if injections:
+                # An intervention: the text goes into the sequence after this
+                # token, in the same forward pass; its tokens come out marked
+                # and decoding goes on from the end of it.
+                feed = [stats.token_id] + self._injected_ids(injections.popleft(), position)
+                with self._grad_mode():
+                    out = self.model(input_ids=torch.tensor([feed], device=self.device), past_key_values=cache, use_cache=True,
+                                     cache_position=torch.arange(position, position + len(feed), device=self.device))
+                    logits = out.logits[0]
+                    stats_tensor = next_token_stats(logits[-1], params, generator)
+                for injected in forced_token_stats(logits[:-1], feed[1:], params):
+                    text = text_side.add_injected(injected.token_id)
+                    yield dataclasses.replace(token_record(injected, text, None, self._alternatives(injected.top)),
+                                              sampling_logprob=None, injected=True)
+                position += len(feed)
+                continue
             # Only now, after the consumer asked for more, pay for the next token.
             with self._grad_mode():
                 logits = self._decode_step(
@@ -247,6 +279,13 @@ class Decoder:
                 )
                 stats_tensor = next_token_stats(logits, params, generator)
             position += 1
+
+    def _injected_ids(self, text: str, position: int) -> list[int]:
+        ids = [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        room = self.context_length - position - 2  # the token before it and one more must still fit
+        if room < len(ids):
+            raise LiveppError(f"no room in the context for the injected text ({len(ids)} tokens)")
+        return ids
 
     def _alternatives(self, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
         decode = self.tokenizer.decode
