@@ -159,3 +159,23 @@ def test_memory_and_time_per_token_stay_flat_over_a_20k_token_stream(loaded):
     first = (stamps[quarter] - stamps[0]) / quarter
     last = (stamps[-1] - stamps[-quarter]) / quarter
     assert last < 1.6 * first, f"time per token grew from {first * 1e6:.0f} to {last * 1e6:.0f} µs"
+
+
+def test_buffered_text_hands_over_the_backlog_at_once_and_raises_the_sources_error():
+    from livepp.engines.torch.proxy import BufferedText
+
+    release = threading.Event()
+
+    def source():
+        yield "a"
+        release.wait(10)
+        yield from ["b", "c", "d"]
+        raise OSError("connection reset")
+
+    text = BufferedText(source())
+    assert next(text) == "a"
+    release.set()
+    time.sleep(0.2)  # b, c, d arrive while nobody reads
+    assert next(text) == "bcd"
+    with pytest.raises(OSError, match="connection reset"):
+        next(text)

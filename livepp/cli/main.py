@@ -166,14 +166,15 @@ def generate(
         if proxy:
             if remote is None:
                 raise LiveppError("--proxy scores a remote engine's text: give --remote URL too (or use `livepp watch` for a file)")
-            from livepp.engines.torch.proxy import ProxyStream
+            from livepp.engines.torch.proxy import BufferedText, ProxyStream
 
             loaded = getattr(local_engine(proxy_model_path, device=device, dtype=dtype, engine="torch"), "loaded", None)
             if loaded is None:
                 raise LiveppError("--proxy scores with a local torch model; this engine has none")
             upstream = engine.open_text(text, params)
-            stream: Any = ProxyStream(loaded, (r.text for r in upstream), params, prompt=text, chat=remote_api == "chat",
-                                      on_close=upstream.close)
+            # Read ahead in a thread: when scoring falls behind, the backlog is scored in one pass.
+            stream: Any = ProxyStream(loaded, BufferedText(r.text for r in upstream), params, prompt=text, chat=remote_api == "chat",
+                                      on_close=upstream.abort)
             name, kind = f"{loaded.name} (proxy for {engine.name})", "proxy"
             start_params |= {"proxy": loaded.name}
         else:

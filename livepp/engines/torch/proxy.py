@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import queue
+import threading
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -41,7 +43,7 @@ from livepp.engines.detokenize import IncrementalDetokenizer
 from livepp.engines.torch.models import LoadedModel
 from livepp.engines.torch.sampling import forced_token_stats
 
-__all__ = ["GrowingText", "IncrementalScorer", "ProxyStream", "proxy_prefix", "decode_chunks"]
+__all__ = ["GrowingText", "IncrementalScorer", "ProxyStream", "BufferedText", "proxy_prefix", "decode_chunks"]
 
 # Tokens per forward pass (a [T, vocabulary] logits block must stay small).
 _FORWARD_CHUNK = 256
@@ -281,6 +283,67 @@ class ProxyStream:
 
     def abort(self) -> None:
         self.close()
+
+
+class BufferedText:
+    """Text chunks read ahead by a thread. Each read returns everything that
+    has arrived since the last (waiting only when nothing has), so a proxy
+    that falls behind its source scores the backlog in one forward pass
+    instead of one pass per chunk. An error of the source is raised here."""
+
+    _END = object()
+
+    def __init__(self, chunks: Iterable[str]) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ended = False
+        self._failure: _Failure | None = None
+        self._thread = threading.Thread(target=self._pump, args=(iter(chunks),), daemon=True, name="livepp-text-reader")
+        self._thread.start()
+
+    def _pump(self, chunks: Iterator[str]) -> None:
+        try:
+            for chunk in chunks:
+                self._queue.put(chunk)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            self._queue.put(_Failure(exc))
+        finally:
+            self._queue.put(self._END)
+
+    def __iter__(self) -> "BufferedText":
+        return self
+
+    def __next__(self) -> str:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            self._ended = True
+            raise failure.exc
+        if self._ended:
+            raise StopIteration
+        parts: list[str] = []
+        item = self._queue.get()
+        while True:
+            if item is self._END:
+                self._ended = True
+                break
+            if isinstance(item, _Failure):
+                if not parts:
+                    self._ended = True
+                    raise item.exc
+                self._failure = item  # the text before it goes out first
+                break
+            parts.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if not parts:
+            raise StopIteration
+        return "".join(parts)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
 
 
 def decode_chunks(raw: Iterable[bytes]) -> Iterator[str]:
