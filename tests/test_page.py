@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -213,5 +214,40 @@ def test_page_marks_reasoning_steps_and_the_worst_one(decoder, browser):
         assert "step 0 (tokens 0–" in browser.find_element("id", "log").text
         assert chart_signature(browser) != before
         browser.save_screenshot(str(ARTIFACTS / "page-steps.png"))
+    finally:
+        server.stop()
+
+
+def test_watch_mode_scores_typed_text_as_it_arrives(decoder, browser):
+    from click.testing import CliRunner
+
+    from livepp.cli.main import main
+    from livepp.engines.torch.engine import TorchEngine
+
+    prompt, text = "Why do cats purr?", "Cats purr when they are content, and sometimes when they are hurt or anxious."
+    r = CliRunner().invoke(main, ["score", "--prompt", prompt, "--target", text, "--chat", "--json"], obj={"engine": TorchEngine(decoder)})
+    reference = json.loads(r.stdout)
+    server = RunningServer(decoder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "mode")).select_by_value("watch")
+        assert browser.find_element("id", "go").text == "Watch" and browser.find_element("id", "watch").is_displayed()
+        browser.find_element("id", "prompt").clear()
+        browser.find_element("id", "prompt").send_keys(prompt)
+        box = browser.find_element("id", "watch")
+        box.send_keys(text[:20])
+        browser.find_element("id", "go").click()
+        box.send_keys(text[20:])  # typed while the request runs: sent as it is typed
+        wait_for(lambda: len(browser.execute_script("return points")) >= len(reference["tokens"]) - 3, "tokens of the typed text")
+        browser.find_element("id", "stop").click()  # "End text"
+        wait_for(lambda: "end: eos" in browser.find_element("id", "log").text, "the end event", timeout=60)
+        points = browser.execute_script("return points")
+        assert len(points) == len(reference["tokens"])
+        assert points[-1][1] == pytest.approx(reference["ppl"], rel=1e-4)
+        assert browser.find_element("id", "answer").text == text
+        browser.save_screenshot(str(ARTIFACTS / "page-watch.png"))
     finally:
         server.stop()

@@ -179,3 +179,38 @@ def test_buffered_text_hands_over_the_backlog_at_once_and_raises_the_sources_err
     assert next(text) == "bcd"
     with pytest.raises(OSError, match="connection reset"):
         next(text)
+
+
+@pytest.mark.model
+def test_watch_over_the_websocket_equals_score_and_can_be_cancelled(decoder):
+    from websockets.sync.client import connect
+
+    from test_server import RunningServer
+
+    reference = cli(decoder, "score", "--prompt", PROMPT, "--target", TEXT, "--chat", "--json")[0]
+    server = RunningServer(decoder)
+    try:
+        with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            ws.send(json.dumps({"type": "watch", "id": "w1", "prompt": PROMPT, "chat": True, "text": TEXT[:7]}))
+            for piece in [TEXT[i:i + 13] for i in range(7, len(TEXT), 13)]:
+                ws.send(json.dumps({"type": "text", "id": "w1", "text": piece}))
+            ws.send(json.dumps({"type": "text", "id": "w1", "done": True}))
+            events = []
+            while not events or events[-1]["type"] != "end":
+                events.append(json.loads(ws.recv(timeout=120)))
+            tokens = [e for e in events if e["type"] == "token"]
+            assert [t["token_id"] for t in tokens] == [t["token_id"] for t in reference["tokens"]]
+            assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(tokens, reference["tokens"])) <= 1e-4
+            assert events[-1]["reason"] == "eos" and events[-1]["ppl"] == pytest.approx(reference["ppl"], rel=1e-4)
+
+            ws.send(json.dumps({"type": "watch", "id": "w2", "prompt": PROMPT, "text": "Ice is"}))
+            ws.send(json.dumps({"type": "cancel", "id": "w2"}))
+            end = None
+            while end is None:
+                e = json.loads(ws.recv(timeout=60))
+                end = e if e["type"] == "end" else None
+            assert end["reason"] == "cancelled"
+            ws.send(json.dumps({"type": "text", "id": "nope", "text": "x"}))
+            assert json.loads(ws.recv(timeout=30))["code"] == "unknown_id"
+    finally:
+        server.stop()

@@ -13,6 +13,9 @@ Protocol (JSON text messages on ``/ws``):
   → {"type":"generate","id":str,"prompt":str,"params":{...},"policies":[SPEC,...],"steps":bool|REGEX}
   → {"type":"route","id":str,"question":str,"params":{...}}   (CAR routing)
   → {"type":"think","id":str,"question":str,"params":{...}}   (DeepConf traces)
+  → {"type":"watch","id":str,"prompt":str|null,"chat":bool,"text":str}, then
+    {"type":"text","id":str,"text":str} ... {"type":"text","id":str,"done":true}
+    (proxy-model PPL of the client's text, :mod:`livepp.serve.watching`)
   → {"type":"cancel","id":str}
   ← {"type":"queued","id","position"} when a request waits for room in the batch
   ← start / token / policy / end events as ``livepp generate --json``, each with "id"
@@ -47,6 +50,7 @@ from livepp.core.monitor import Monitor
 from livepp.serve.jobs import ClientError, Job, JobEngine, ModelRunner, OutboxSink, error_code, one_line
 from livepp.serve.metrics import ServerMetrics
 from livepp.serve.reasoning import start_route, start_think
+from livepp.serve.watching import add_text, start_watch
 from livepp.serve.outbox import Outbox
 from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
@@ -256,13 +260,23 @@ class LiveppServer:
                 start_route(self, data, jobs, outbox, loop)
             elif kind == "think":
                 start_think(self, data, jobs, outbox, loop)
+            elif kind == "watch":
+                start_watch(self, data, jobs, outbox, loop)
+            elif kind == "text":
+                job = jobs.get(request_id) if isinstance(request_id, str) else None
+                if job is None:
+                    raise ClientError("unknown_id", f"no running watch request with id {request_id!r}")
+                text, done = data.get("text"), data.get("done", False)
+                if (text is not None and not isinstance(text, str)) or not isinstance(done, bool):
+                    raise ClientError("bad_params", "text must be a string and done true or false")
+                add_text(job, text, done=done)
             elif kind == "cancel":
                 job = jobs.get(request_id) if isinstance(request_id, str) else None
                 if job is None:
                     raise ClientError("unknown_id", f"no running request with id {request_id!r}")
                 job.stop("cancelled")
             else:
-                raise ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route, think or cancel")
+                raise ClientError("unknown_type", f"unknown message type {kind!r}; use generate, route, think, watch, text or cancel")
         except ClientError as exc:
             exc.__dict__["request_id"] = request_id if isinstance(request_id, str) else None
             raise
