@@ -181,16 +181,26 @@ def generate(
             stream, name, kind = engine.open(text, params), engine.name, engine.kind
         monitor_one(stream, name=name, kind=kind, params=params.to_dict() | start_params, policies=policies,
                     window=window, steps=steps, as_json=as_json)
-    except LiveppError as exc:
+    except BaseException as exc:
+        command_failed(exc, as_json=as_json)
+
+
+def command_failed(exc: BaseException, *, as_json: bool) -> None:
+    """How a streaming command ends on a failure: a usage error (2), Ctrl-C
+    (130), a reader gone away (quietly), anything else (1): one line each,
+    not a traceback."""
+    if isinstance(exc, LiveppError):
         _fail(str(exc), as_json=as_json, code=2)
-    except KeyboardInterrupt:
+    elif isinstance(exc, KeyboardInterrupt):
         _fail("interrupted", as_json=as_json, code=130)
-    except BrokenPipeError:
+    elif isinstance(exc, BrokenPipeError):
         # The reader went away (e.g. `| head`); nothing left to tell anyone.
         sys.stderr.close()
         sys.exit(0)
-    except Exception as exc:  # anything unexpected: one line, not a traceback
+    elif isinstance(exc, Exception):
         _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+    else:
+        raise exc  # SystemExit and the like go on
 
 
 def monitor_one(stream: Any, *, name: str, kind: str, params: dict[str, Any], policies: list[Any], window: int,

@@ -75,7 +75,7 @@ def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride
       some-generator | livepp watch --prompt "Why is the sky blue?" --chat
       livepp watch answer.txt --follow --policy early-stop:threshold=30,metric=window_ppl
     """
-    from livepp.cli.main import _fail, monitor_one
+    from livepp.cli.main import command_failed, monitor_one
 
     try:
         if engine_kind not in ("torch", "auto"):
@@ -103,10 +103,5 @@ def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride
         run = {"source": source, "proxy": loaded.name, "max_length": stream.scorer.max_length, "stride": stream.scorer.stride,
                "top_logprobs": top_logprobs}
         monitor_one(stream, name=loaded.name, kind="proxy", params=run, policies=policies, window=window, steps=steps, as_json=as_json)
-    except LiveppError as exc:
-        _fail(str(exc), as_json=as_json, code=2)
-    except KeyboardInterrupt:
-        _fail("interrupted", as_json=as_json, code=130)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(0)
+    except BaseException as exc:
+        command_failed(exc, as_json=as_json)
