@@ -266,3 +266,16 @@ def test_the_servers_default_policies_apply_to_every_request(decoder):
     extra = r.choices[0].model_extra["livepp"]
     assert extra["reason"] == "policy" and extra["n_tokens"] == want[-1]["n_tokens"]
     assert r.choices[0].message.content == want[-1]["text"]
+
+
+def test_curl_style_expect_100_continue_gets_its_interim_answer(server, model):
+    body = json.dumps({"model": model, "prompt": "2 + 2 =", "max_tokens": 2, "temperature": 0}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN.encode() +
+                  b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 OK") and json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 2

@@ -219,6 +219,8 @@ class FrontConnection(ServerConnection):
         if self._body_length > self._max_body:
             self._refuse(413, f"request bodies are limited to {self._max_body} bytes")
             return
+        if (request.header("expect") or "").lower() == "100-continue" and len(self._buffer) < self._body_length:
+            self._front_transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits a second for this otherwise
         self._request = request
 
     def _read_body(self) -> None:
