@@ -279,3 +279,23 @@ def test_curl_style_expect_100_continue_gets_its_interim_answer(server, model):
         while chunk := s.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 200 OK") and json.loads(reply.partition(b"\r\n\r\n")[2])["usage"]["completion_tokens"] == 2
+
+
+def test_a_shutdown_ends_a_streamed_answer_with_its_last_chunks(decoder):
+    import threading
+
+    s = RunningServer(decoder)
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0, timeout=120)
+    chunks = []
+    stream = c.chat.completions.create(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Write a long story."}],
+                                       max_tokens=200, temperature=0, stream=True)
+    stopper = None
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 4:
+            stopper = threading.Thread(target=s.stop)
+            stopper.start()
+    stopper.join()
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "abort" and last.model_extra["livepp"]["reason"] == "shutdown"
+    assert last.model_extra["livepp"]["n_tokens"] < 200

@@ -471,8 +471,10 @@ async def serve_forever(
             ready(port)
         await stop.wait()
         await server.shutdown()
-        # Let the last end events reach the sockets before connections close.
+        # Let the last end events, and the last chunks of /v1 answers, reach
+        # the sockets before connections close.
         for _ in range(500):
-            if not any(len(o) for o in server.outboxes):
+            answering = [c.http_task for c in server.front_connections if c.http_task is not None and not c.http_task.done()]
+            if not any(len(o) for o in server.outboxes) and not answering:
                 break
             await asyncio.sleep(0.01)

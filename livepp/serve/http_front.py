@@ -265,6 +265,7 @@ class FrontConnection(ServerConnection):
             self._timer = None
 
     def abort_http(self) -> None:
-        """Server shutdown: drop a connection that never became a websocket."""
-        if self._mode != "ws" and self._front_transport is not None:
+        """Server shutdown: drop a connection that is idle or still sending
+        its request (one being answered finishes its answer)."""
+        if self._mode != "ws" and self.http_task is None and self._front_transport is not None:
             self._front_transport.close()
