@@ -214,3 +214,13 @@ def test_watch_over_the_websocket_equals_score_and_can_be_cancelled(decoder):
             assert json.loads(ws.recv(timeout=30))["code"] == "unknown_id"
     finally:
         server.stop()
+
+
+@pytest.mark.model
+def test_watch_refuses_bad_input_before_it_starts(decoder, tmp_path):
+    for args, message in ((["watch", str(tmp_path / "missing.txt"), "--json"], "cannot read"),
+                          (["watch", "--chat", "--json"], "--chat needs --prompt"),
+                          (["watch", "-", "--follow"], "--follow is for a FILE")):
+        r = CliRunner().invoke(main, args, input=b"text", obj={"engine": TorchEngine(decoder)})
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+        assert '"type": "start"' not in r.stdout

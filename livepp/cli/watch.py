@@ -19,14 +19,21 @@ def read_blocks(source: str, *, follow: bool, idle: float, poll: float = 0.1) ->
     to its end; with ``follow`` it is watched while it grows and ends once it
     has not grown for ``idle`` seconds."""
     if source == "-":
-        stdin = getattr(sys.stdin, "buffer", sys.stdin)
-        while block := stdin.read1(1 << 16):  # whatever has arrived, without waiting for more
-            yield block
-        return
+        return _stdin_blocks()
     try:
-        handle = open(source, "rb")
+        handle = open(source, "rb")  # now, so a missing file is an error before anything starts
     except OSError as exc:
         raise LiveppError(f"cannot read {source}: {exc.strerror or exc}") from None
+    return _file_blocks(handle, follow=follow, idle=idle, poll=poll)
+
+
+def _stdin_blocks() -> Iterator[bytes]:
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)
+    while block := stdin.read1(1 << 16):  # whatever has arrived, without waiting for more
+        yield block
+
+
+def _file_blocks(handle: Any, *, follow: bool, idle: float, poll: float) -> Iterator[bytes]:
     with handle:
         quiet_since = time.monotonic()
         while True:
