@@ -299,3 +299,30 @@ def test_a_shutdown_ends_a_streamed_answer_with_its_last_chunks(decoder):
     last = chunks[-1].choices[0]
     assert last.finish_reason == "abort" and last.model_extra["livepp"]["reason"] == "shutdown"
     assert last.model_extra["livepp"]["n_tokens"] < 200
+
+
+def raw_head(port: int, data: bytes) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
+    return int(head[0].split(" ")[1]), {k.lower(): v for k, _, v in (line.partition(": ") for line in head[1:])}
+
+
+def test_a_page_of_an_allowed_origin_may_call_the_api(decoder):
+    s = RunningServer(decoder, token=TOKEN, allowed_origins=("http://app.example",))
+    try:
+        preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://app.example\r\n"
+                     b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
+        status, headers = raw_head(s.port, preflight)
+        assert status == 204 and headers["access-control-allow-origin"] == "http://app.example"
+        assert "POST" in headers["access-control-allow-methods"] and headers["access-control-allow-headers"] == "authorization, content-type"
+        status, headers = raw_head(s.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://app.example\r\n"
+                                           b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+        assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
+        status, headers = raw_head(s.port, preflight.replace(b"http://app.example", b"http://evil.example"))
+        assert status == 403 and "access-control-allow-origin" not in headers
+    finally:
+        s.stop()

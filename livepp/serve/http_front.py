@@ -25,7 +25,7 @@ __all__ = ["HttpRequest", "HttpReply", "FrontConnection", "MAX_HEAD_BYTES", "HEA
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+_REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
             405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
             429: "Too Many Requests", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -60,12 +60,13 @@ class HttpReply:
         self.transport = transport
         self.gone = asyncio.Event()
         self.started = False
+        self.headers: list[tuple[str, str]] = []  # sent with every answer (e.g. CORS)
         self._paused = False
         self._drained: list[asyncio.Future[None]] = []
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", "Connection: close", "Server: livepp"]
-        lines += [f"{k}: {v}" for k, v in headers]
+        lines += [f"{k}: {v}" for k, v in [*self.headers, *headers]]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def send(self, status: int, body: bytes, content_type: str, headers: list[tuple[str, str]] = ()) -> None:  # type: ignore[assignment]

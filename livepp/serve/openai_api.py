@@ -77,6 +77,16 @@ class OpenAIApi:
     # ---- entry ---------------------------------------------------------------
     async def handle(self, request: HttpRequest, reply: HttpReply) -> None:
         try:
+            origin = request.header("origin")
+            if origin is not None and origin in self.server.config.allowed_origins:
+                # A page of an origin the operator allowed (--allow-origin) may read the answers.
+                reply.headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+            if request.method == "OPTIONS":
+                self._check_access(request, preflight=True)
+                asked = request.header("access-control-request-headers") or "Authorization, Content-Type"
+                reply.send(204, b"", "text/plain", [("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                                                    ("Access-Control-Allow-Headers", asked), ("Access-Control-Max-Age", "600")])
+                return
             self._check_access(request)
             kind = _ROUTES.get(request.path)
             if request.path == "/v1/models":
@@ -97,7 +107,9 @@ class OpenAIApi:
             error = openai_error(exc)
             reply.send_json(error.status, error.body())
 
-    def _check_access(self, request: HttpRequest) -> None:
+    def _check_access(self, request: HttpRequest, *, preflight: bool = False) -> None:
+        """Host, Origin and, unless this is a browser's CORS preflight (which
+        carries no credentials), the token."""
         config = self.server.config
         hosts = request.header_all("host")
         if len(hosts) != 1 or not self.server.host_allowed(hosts[0]):
@@ -105,7 +117,7 @@ class OpenAIApi:
         origin = request.header("origin")
         if origin is not None and origin != f"http://{hosts[0]}" and origin not in config.allowed_origins:
             raise OpenAIError(403, f"origin {origin} not allowed", code="forbidden")
-        if config.token is not None:
+        if config.token is not None and not preflight:
             auth = request.header("authorization") or ""
             given = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
             if given is None or not secrets.compare_digest(given.encode("utf-8"), config.token.encode("utf-8")):
