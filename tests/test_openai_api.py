@@ -206,28 +206,35 @@ def test_errors_are_openai_shaped(client, model, server):
     assert long.value.body["code"] == "context_length_exceeded"
 
 
-def raw_http(port: int, data: bytes) -> tuple[int, dict]:
+def raw_http(port: int, data: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers lower-cased, body) of one raw HTTP exchange."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(data)
         reply = b""
         while chunk := s.recv(65536):
             reply += chunk
     head, _, body = reply.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), json.loads(body)
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split(" ")[1]), {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}, body
+
+
+def raw_json(port: int, data: bytes) -> tuple[int, dict]:
+    status, _, body = raw_http(port, data)
+    return status, json.loads(body)
 
 
 def test_malformed_http_gets_a_json_error_and_the_websocket_side_still_works(server):
     port = server.port
-    status, body = raw_http(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n{x}")
+    status, body = raw_json(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\n{x}")
     assert status == 401  # auth comes before the body is read
     auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
-    status, body = raw_http(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Length: 3\r\n\r\n{x}")
+    status, body = raw_json(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"Content-Length: 3\r\n\r\n{x}")
     assert status == 400 and "JSON" in body["error"]["message"]
-    status, body = raw_http(port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999\r\n\r\n")
+    status, body = raw_json(port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 99999999\r\n\r\n")
     assert status == 413
-    status, body = raw_http(port, b"POST /v1/completions HTTP/1.1\r\nHost: evil.example\r\n" + auth + b"Content-Length: 2\r\n\r\n{}")
+    status, body = raw_json(port, b"POST /v1/completions HTTP/1.1\r\nHost: evil.example\r\n" + auth + b"Content-Length: 2\r\n\r\n{}")
     assert status == 403
-    status, body = raw_http(port, b"GET /v1/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"\r\n")
+    status, body = raw_json(port, b"GET /v1/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\n" + auth + b"\r\n")
     assert status == 404 and body["error"]["code"] == "not_found"
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -301,28 +308,18 @@ def test_a_shutdown_ends_a_streamed_answer_with_its_last_chunks(decoder):
     assert last.model_extra["livepp"]["n_tokens"] < 200
 
 
-def raw_head(port: int, data: bytes) -> tuple[int, dict]:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-        s.sendall(data)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-    head = reply.partition(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
-    return int(head[0].split(" ")[1]), {k.lower(): v for k, _, v in (line.partition(": ") for line in head[1:])}
-
-
 def test_a_page_of_an_allowed_origin_may_call_the_api(decoder):
     s = RunningServer(decoder, token=TOKEN, allowed_origins=("http://app.example",))
     try:
         preflight = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://app.example\r\n"
                      b"Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n\r\n")
-        status, headers = raw_head(s.port, preflight)
+        status, headers, _ = raw_http(s.port, preflight)
         assert status == 204 and headers["access-control-allow-origin"] == "http://app.example"
         assert "POST" in headers["access-control-allow-methods"] and headers["access-control-allow-headers"] == "authorization, content-type"
-        status, headers = raw_head(s.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://app.example\r\n"
+        status, headers, _ = raw_http(s.port, b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://app.example\r\n"
                                            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
         assert status == 200 and headers["access-control-allow-origin"] == "http://app.example"
-        status, headers = raw_head(s.port, preflight.replace(b"http://app.example", b"http://evil.example"))
+        status, headers, _ = raw_http(s.port, preflight.replace(b"http://app.example", b"http://evil.example"))
         assert status == 403 and "access-control-allow-origin" not in headers
     finally:
         s.stop()
