@@ -170,15 +170,27 @@ def test_page_shows_the_services_load_and_live_requests(decoder, browser):
         browser.get(f"http://127.0.0.1:{server.port}/")
         worker.start()
         wait_for(lambda: browser.find_element("id", "svc").text == "service: 2 running · 1 queued · batch 2/2", "the load in the header", timeout=60)
-        rows = lambda: browser.find_elements("css selector", "#live-rows tr")  # noqa: E731
-        def generating():
-            return [[c.text for c in r.find_elements("css selector", "td")] for r in rows() if "generating" in r.text]
+        # The page rebuilds the table every poll: read it whole, in one script
+        # call, so no element goes stale between finding and reading it.
+        def table():
+            return browser.execute_script(
+                "return [...document.querySelectorAll('#live-rows tr')].map(r => [...r.cells].map(c => c.textContent))")
 
-        wait_for(lambda: len(rows()) == 3 and len(generating()) == 2 and all(c[4] != "–" for c in generating()),
-                 "two generating requests with their PPL and one waiting", timeout=60)
-        cells = generating()
+        def complete(snapshot):
+            generating = [r for r in snapshot if "generating" in r]
+            return len(snapshot) == 3 and len(generating) == 2 and all(r[4] != "–" for r in generating)
+
+        seen: list[list[list[str]]] = []
+
+        def ready() -> bool:
+            seen.append(table())
+            return complete(seen[-1])
+
+        wait_for(ready, "two generating requests with their PPL and one waiting", timeout=60)
+        snapshot = seen[-1]
+        cells = [r for r in snapshot if "generating" in r]
         # which two of the three got the batch depends on thread scheduling
-        waiting = [r.find_elements("css selector", "td")[0].text for r in rows() if "waiting" in r.text]
+        waiting = [r[0] for r in snapshot if "waiting" in r]
         assert len(waiting) == 1 and sorted([c[0] for c in cells] + waiting) == ["bg0", "bg1", "bg2"]
         assert {c[1] for c in cells} == {"generate"}
         assert all(int(c[3]) >= 1 and float(c[4]) >= 1.0 for c in cells)
