@@ -140,11 +140,9 @@ def generate(
 
         policies = _early_stops(stop_ppl, stop_window_ppl, min_tokens=min_tokens, patience=patience)
         policies += [parse_policy(spec) for spec in policy_specs]
-        from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+        from livepp.core.steps import step_rule
 
-        steps = step_regex if step_regex is not None else (DEFAULT_STEP_REGEX if show_steps else None)
-        if steps is not None:
-            StepSegmenter(steps)  # a bad regex is a usage error before any compute
+        steps = step_rule(step_regex if step_regex is not None else show_steps)  # a bad regex: a usage error, now
         if remote is not None:
             from livepp.engines.remote import source_from_options
 

@@ -92,12 +92,10 @@ def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride
         if follow and source == "-":
             raise LiveppError("--follow is for a FILE being written; standard input is followed until it closes")
         from livepp.core.policies import parse_policy
-        from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+        from livepp.core.steps import step_rule
 
         policies = [parse_policy(spec) for spec in policy_specs]
-        steps = step_regex if step_regex is not None else (DEFAULT_STEP_REGEX if show_steps else None)
-        if steps is not None:
-            StepSegmenter(steps)
+        steps = step_rule(step_regex if step_regex is not None else show_steps)
         engine: Any = local_engine(model_path, device=device, dtype=dtype, engine="torch")
         loaded = getattr(engine, "loaded", None)
         if loaded is None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from livepp.core.events import StepEvent
 from livepp.core.params import LiveppError
 
-__all__ = ["DEFAULT_STEP_REGEX", "StepSegmenter"]
+__all__ = ["DEFAULT_STEP_REGEX", "StepSegmenter", "step_rule"]
 
 DEFAULT_STEP_REGEX = r"\n[ \t]*\n|\n(?=[ \t]*(?:Step\s*\d+\b|\d+[.)]\s))"
 
@@ -93,3 +93,19 @@ class StepSegmenter:
         )
         self._count += 1
         return step
+
+
+def step_rule(value: bool | str | None, *, max_length: int | None = None) -> str | None:
+    """The step regex a request or command asks for: true the default rule,
+    false or nothing no steps, a string that regex (at most ``max_length``
+    characters). Checked now, so a bad one is the caller's error before any
+    compute."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DEFAULT_STEP_REGEX
+    if not isinstance(value, str) or (max_length is not None and len(value) > max_length):
+        bound = f" of at most {max_length} characters" if max_length is not None else ""
+        raise LiveppError(f"steps must be true, false or a step regex{bound}")
+    StepSegmenter(value)
+    return value

@@ -47,6 +47,7 @@ from websockets.exceptions import ConnectionClosed
 from livepp.engines.protocol import Engine, as_engine
 from livepp.core.events import dumps
 from livepp.core.monitor import Monitor
+from livepp.serve.http_front import bearer
 from livepp.serve.jobs import ClientError, Job, JobEngine, ModelRunner, OutboxSink, error_code, one_line
 from livepp.serve.metrics import ServerMetrics
 from livepp.serve.reasoning import start_route, start_think
@@ -54,7 +55,7 @@ from livepp.serve.watching import add_text, start_watch
 from livepp.serve.outbox import Outbox
 from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
-from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+from livepp.core.steps import step_rule
 
 __all__ = ["ServerConfig", "ModelRunner", "LiveppServer", "serve_forever"]
 
@@ -159,6 +160,18 @@ class LiveppServer:
         known = {*LOOPBACK_HOSTS, self.config.host.lower(), *(h.lower() for h in allowed)}
         return name in known and name not in ("0.0.0.0", "::")
 
+    def origin_allowed(self, origin: str | None, host: str) -> bool:
+        """A request from a browser page: its own origin (the Host header was
+        checked, so that is safe) or one allowed with --allow-origin."""
+        return origin is None or origin == f"http://{host}" or origin in self.config.allowed_origins
+
+    def token_ok(self, given: str | None) -> bool:
+        """The server's token, if it has one, was given."""
+        if self.config.token is None:
+            return True
+        # Bytes: compare_digest refuses non-ASCII str.
+        return given is not None and secrets.compare_digest(given.encode("utf-8"), self.config.token.encode("utf-8"))
+
     def process_request(self, connection: Any, request: Any) -> Any:
         url = urlsplit(request.path)
         hosts = request.headers.get_all("Host")
@@ -173,18 +186,11 @@ class LiveppServer:
         if url.path not in ("/ws", "/status"):
             return connection.respond(404, "not found\n")
         origin = request.headers.get("Origin")
-        # The Host header was checked above, so a page's own origin is safe.
-        own = f"http://{hosts[0]}"
-        if origin is not None and origin != own and origin not in self.config.allowed_origins:
+        if not self.origin_allowed(origin, hosts[0]):
             return connection.respond(403, f"origin {origin} not allowed\n")
-        if self.config.token is not None:
-            given = parse_qs(url.query).get("token", [None])[0]
-            auth = request.headers.get("Authorization", "")
-            if auth.startswith("Bearer "):
-                given = auth[len("Bearer "):]
-            # Bytes: compare_digest refuses non-ASCII str.
-            if given is None or not secrets.compare_digest(given.encode("utf-8"), self.config.token.encode("utf-8")):
-                return connection.respond(401, "missing or wrong token\n")
+        given = bearer(request.headers.get("Authorization")) or parse_qs(url.query).get("token", [None])[0]
+        if not self.token_ok(given):
+            return connection.respond(401, "missing or wrong token\n")
         if url.path == "/status":
             body = {**self.status(), "model": self.engine.name, "requests": self.metrics.live()}
             return _respond(connection, 200, dumps(body) + "\n", "application/json")
@@ -295,31 +301,32 @@ class LiveppServer:
             if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
                 raise LiveppError("policies must be a list of policy specs such as 'early-stop:threshold=8'")
             [parse_policy(s) for s in specs]
-            steps = data.get("steps")
-            if steps is True:
-                steps = DEFAULT_STEP_REGEX
-            elif steps is False:
-                steps = None
-            elif steps is not None and not (isinstance(steps, str) and len(steps) <= self.config.max_stop_length):
-                raise LiveppError(f"steps must be true, false or a step regex of at most {self.config.max_stop_length} characters")
-            if steps is not None:
-                StepSegmenter(steps)  # a bad regex is the client's error, now
+            steps = step_rule(data.get("steps"), max_length=self.config.max_stop_length)
         except (LiveppError, TypeError) as exc:
             raise ClientError("bad_params", str(exc)) from None
-        self._check_limits(params, specs)
+        over = self.over_limit(params, len(specs))
+        if over is not None:
+            raise ClientError("bad_params", over[1])
         job = self._new_job(data, jobs)
         self._launch(job, jobs, outbox, loop, self._run_job, prompt, params, specs, steps, OutboxSink(loop, outbox, job.id, job))
 
-    def _check_limits(self, params: GenerationParams, specs: list[str]) -> None:
+    def over_limit(self, params: GenerationParams, n_policies: int, *,
+                   names: dict[str, str] | None = None) -> tuple[str, str] | None:
+        """The first of this server's limits a request breaks, as (the
+        parameter, what to tell the client), or None. ``names`` renames
+        parameters for an API that calls them otherwise (OpenAI's max_tokens)."""
         c = self.config
+        name = (names or {}).get
         if params.max_new_tokens > c.max_new_tokens_cap:
-            raise ClientError("bad_params", f"max_new_tokens {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}")
+            field = name("max_new_tokens", "max_new_tokens")
+            return field, f"{field} {params.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}"
         if len(params.stop) > c.max_stop_strings or any(len(s) > c.max_stop_length for s in params.stop):
-            raise ClientError("bad_params", f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each")
+            return name("stop", "stop"), f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each"
         if params.top_logprobs > c.max_top_logprobs:
-            raise ClientError("bad_params", f"top_logprobs is limited to {c.max_top_logprobs} on this server")
-        if len(specs) > c.max_policies:
-            raise ClientError("bad_params", f"at most {c.max_policies} policies per request")
+            return name("top_logprobs", "top_logprobs"), f"top_logprobs is limited to {c.max_top_logprobs} on this server"
+        if n_policies > c.max_policies:
+            return name("policies", "policies"), f"at most {c.max_policies} policies per request"
+        return None
 
     def _new_job(self, data: dict[str, Any], jobs: dict[str, Job]) -> Job:
         request_id = data.get("id")

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.server import ServerConnection
 
-__all__ = ["HttpRequest", "HttpReply", "FrontConnection", "MAX_HEAD_BYTES", "HEAD_TIMEOUT_S"]
+__all__ = ["HttpRequest", "HttpReply", "bearer", "FrontConnection", "MAX_HEAD_BYTES", "HEAD_TIMEOUT_S"]
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_S = 30.0
@@ -49,6 +49,13 @@ class HttpRequest:
     def header_all(self, name: str) -> list[str]:
         name = name.lower()
         return [v for k, v in self.headers if k == name]
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header."""
+    if authorization and authorization.startswith("Bearer "):
+        return authorization[len("Bearer "):]
+    return None
 
 
 class HttpReply:

@@ -14,7 +14,6 @@ shapes and livepp's additions are described in :mod:`livepp.serve.openai_schema`
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sys
 import traceback
 import uuid
@@ -23,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from livepp.core.batch_monitor import MonitoredBatch
 from livepp.core.events import Event, TokenEvent, dumps
 from livepp.core.monitor import Monitor
-from livepp.core.params import EngineBusy, LiveppError, PromptTooLong
+from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, EngineBusy, LiveppError, PromptTooLong
 from livepp.core.policies import parse_policy
 from livepp.core.tracker import Tracker
-from livepp.serve.http_front import HttpReply, HttpRequest
+from livepp.serve.http_front import HttpReply, HttpRequest, bearer
 from livepp.serve.jobs import Job, JobEngine
 from livepp.serve.openai_schema import ChoiceBuilder, CompletionRequest, OpenAIError, envelope, now, parse_request, usage
 
@@ -36,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["OpenAIApi", "openai_error"]
 
 _ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# The websocket API's parameter names as the OpenAI API calls them.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "policies": "livepp.policies"}
 
 
 def openai_error(exc: BaseException, *, prompt_param: str = "messages") -> OpenAIError:
@@ -110,19 +111,16 @@ class OpenAIApi:
     def _check_access(self, request: HttpRequest, *, preflight: bool = False) -> None:
         """Host, Origin and, unless this is a browser's CORS preflight (which
         carries no credentials), the token."""
-        config = self.server.config
+        server = self.server
         hosts = request.header_all("host")
-        if len(hosts) != 1 or not self.server.host_allowed(hosts[0]):
+        if len(hosts) != 1 or not server.host_allowed(hosts[0]):
             raise OpenAIError(403, "unknown Host header (allow it with --allow-host)", code="forbidden")
         origin = request.header("origin")
-        if origin is not None and origin != f"http://{hosts[0]}" and origin not in config.allowed_origins:
+        if not server.origin_allowed(origin, hosts[0]):
             raise OpenAIError(403, f"origin {origin} not allowed", code="forbidden")
-        if config.token is not None and not preflight:
-            auth = request.header("authorization") or ""
-            given = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-            if given is None or not secrets.compare_digest(given.encode("utf-8"), config.token.encode("utf-8")):
-                raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer TOKEN' with the server's --token",
-                                  code="invalid_api_key")
+        if not preflight and not server.token_ok(bearer(request.header("authorization"))):
+            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer TOKEN' with the server's --token",
+                              code="invalid_api_key")
 
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.server.engine.name, "object": "model", "created": self.created, "owned_by": "livepp"}
@@ -137,10 +135,12 @@ class OpenAIApi:
     # ---- one completion --------------------------------------------------------
     async def _completion(self, kind: str, request: HttpRequest, reply: HttpReply) -> None:
         server, config = self.server, self.server.config
-        default_max = min(256, config.max_new_tokens_cap)
+        default_max = min(DEFAULT_MAX_NEW_TOKENS, config.max_new_tokens_cap)
         req = parse_request(kind, request.body, models=(server.engine.name,), default_max_tokens=default_max,
-                            max_n=max(1, min(config.max_batch, 16)))
-        self._check_limits(req)
+                            max_n=max(1, min(config.max_batch, 16)), max_step_regex=config.max_stop_length)
+        over = server.over_limit(req.params, len(req.policies), names=_OPENAI_NAMES)
+        if over is not None:
+            raise OpenAIError(400, over[1], param=over[0])
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         job = server.admit(Job(prefix + uuid.uuid4().hex[:24]))
         loop = asyncio.get_running_loop()
@@ -167,18 +167,6 @@ class OpenAIApi:
             job.stop("cancelled")  # no-op after a normal end
             await asyncio.gather(job.done, return_exceptions=True)
             server.release(job)
-
-    def _check_limits(self, req: CompletionRequest) -> None:
-        c = self.server.config
-        p = req.params
-        if p.max_new_tokens > c.max_new_tokens_cap:
-            raise OpenAIError(400, f"max_tokens {p.max_new_tokens} is above this server's cap of {c.max_new_tokens_cap}",
-                              param="max_tokens")
-        if len(p.stop) > c.max_stop_strings or any(len(s) > c.max_stop_length for s in p.stop):
-            raise OpenAIError(400, f"at most {c.max_stop_strings} stop strings of at most {c.max_stop_length} characters each",
-                              param="stop")
-        if len(req.policies) > c.max_policies:
-            raise OpenAIError(400, f"at most {c.max_policies} policies per request", param="livepp.policies")
 
     async def _watch(self, reply: HttpReply, job: Job) -> None:
         await reply.gone.wait()

@@ -29,7 +29,7 @@ from typing import Any
 from livepp.core.events import EndEvent, Event, PolicyEvent, StepEvent, TokenEvent, json_safe, to_json_dict
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
-from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+from livepp.core.steps import step_rule
 from livepp.engines.protocol import Prompt, chat_messages
 
 __all__ = ["OpenAIError", "CompletionRequest", "parse_request", "ChoiceBuilder", "ContentGate", "finish_reason_of", "usage"]
@@ -127,7 +127,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
         raise _bad(str(exc), "messages") from None
 
 
-def parse_request(kind: str, raw: bytes, *, models: tuple[str, ...], default_max_tokens: int, max_n: int) -> CompletionRequest:
+def parse_request(kind: str, raw: bytes, *, models: tuple[str, ...], default_max_tokens: int, max_n: int,
+                  max_step_regex: int | None = None) -> CompletionRequest:
     """A request body, checked; ``models`` are the names this server answers to."""
     try:
         body = json.loads(raw)
@@ -207,15 +208,10 @@ def parse_request(kind: str, raw: bytes, *, models: tuple[str, ...], default_max
     if not isinstance(policies, list) or not all(isinstance(s, str) for s in policies):
         raise _bad("livepp.policies must be an array of policy specs such as 'early-stop:threshold=8'", "livepp.policies")
     window = _int(extra, "window", 1, 4096) or 32
-    steps = extra.get("steps")
-    steps = DEFAULT_STEP_REGEX if steps is True else (None if steps in (None, False) else steps)
     try:
         for spec in policies:
             parse_policy(spec)
-        if steps is not None:
-            if not isinstance(steps, str):
-                raise LiveppError("livepp.steps must be true, false or a step regex")
-            StepSegmenter(steps)
+        steps = step_rule(extra.get("steps"), max_length=max_step_regex)
         params = GenerationParams(
             max_new_tokens=max_tokens or default_max_tokens,
             temperature=_number(body, "temperature", 1.0),

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from livepp.core.monitor import Monitor
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
-from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
+from livepp.core.steps import step_rule
 from livepp.serve.jobs import ClientError, Job, OutboxSink, error_code, one_line
 from livepp.serve.outbox import Outbox
 
@@ -52,14 +52,9 @@ def start_watch(server: "LiveppServer", data: dict[str, Any], jobs: dict[str, Jo
     specs = data.get("policies") or []
     if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs) or len(specs) > server.config.max_policies:
         raise ClientError("bad_params", f"policies must be a list of at most {server.config.max_policies} policy specs")
-    steps = data.get("steps")
-    steps = DEFAULT_STEP_REGEX if steps is True else (None if steps in (None, False) else steps)
     try:
         policies = [parse_policy(s) for s in [*server.config.default_policies, *specs]]
-        if steps is not None:
-            if not isinstance(steps, str):
-                raise LiveppError("steps must be true, false or a step regex")
-            StepSegmenter(steps)
+        steps = step_rule(data.get("steps"), max_length=server.config.max_stop_length)
     except LiveppError as exc:
         raise ClientError("bad_params", str(exc)) from None
     loaded = proxy_model(server)
