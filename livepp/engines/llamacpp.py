@@ -36,7 +36,7 @@ from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
 from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, sample_rows
-from livepp.engines.torch.decoder import encode_prompt
+from livepp.engines.torch.decoder import alternatives, encode_prompt
 
 __all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
 
@@ -187,8 +187,7 @@ class LlamaCppEngine:
                                 "tokens (at least one must be left to generate)")
 
     def _alternatives(self, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
-        decode = self.tokenizer.decode
-        return tuple(TopLogprob(i, decode([i]), lp) for i, lp in top)
+        return alternatives(self.tokenizer, top)
 
     # ---- the engine protocol ---------------------------------------------------
     def open(self, prompt: Prompt, params: GenerationParams) -> RecordStream:

@@ -317,6 +317,25 @@ def score_text(loaded: LoadedModel, text: str, **options: Any) -> ScoreResult:
     return score_ids(loaded, ids, score_from=first, first_token_rule=rule, **options)
 
 
+def target_prefix(tokenizer: Any, prompt: str, *, chat: bool) -> tuple[str, bool]:
+    """(the text before a target, whether tokenizing it adds the tokenizer's
+    special tokens): the prompt, or with ``chat`` the prompt as a user turn
+    of the chat template, whose text already holds its special tokens."""
+    if not chat:
+        return prompt, True
+    if not getattr(tokenizer, "chat_template", None):
+        raise LiveppError("--chat: this model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False), False
+
+
+def carries_target(token_id: int, span: tuple[int, int], boundary: int, special_ids: set[int]) -> bool:
+    """Whether a token of ``prefix + target`` carries target text (its span
+    ends past the ``boundary``; a zero-width special token does not): the
+    first such token is the first target token, straddling or not."""
+    start, end = span
+    return end > boundary and not (token_id in special_ids and start == end)
+
+
 def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = False, **options: Any) -> ScoreResult:
     """PPL of ``target`` given ``prompt``, the LightLLM recipe.
 
@@ -333,16 +352,10 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
     if not isinstance(target, str) or not target.strip():
         raise LiveppError("the target is empty or only whitespace")
     tok = loaded.tokenizer
+    prefix_text, specials = target_prefix(tok, prompt, chat=chat)
     if chat:
-        if not getattr(tok, "chat_template", None):
-            raise LiveppError("--chat: this model's tokenizer has no chat template")
-        prefix_text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-        # The template's text already holds its special tokens.
-        specials = False
         rule = "the chat template supplies the context; only target tokens are scored"
     else:
-        prefix_text = prompt
-        specials = True
         _, lead = _added_specials(tok, prompt)
         rule = (f"hf: prompt + target tokenized together by the tokenizer's own rule ({'adds ' + _token_names(tok, lead) if lead else 'no BOS added'}); "
                 "only target tokens are scored, each conditioned on everything before it")
@@ -352,7 +365,7 @@ def score_target(loaded: LoadedModel, prompt: str, target: str, *, chat: bool = 
     ids = [int(i) for i in enc["input_ids"]]
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     special_ids = set(getattr(tok, "all_special_ids", ()))
-    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary and not (ids[i] in special_ids and s == e)), None)
+    first = next((i for i, span in enumerate(offsets) if carries_target(ids[i], span, boundary, special_ids)), None)
     if first is None:
         raise LiveppError("the target produced no tokens")
     if first == 0:

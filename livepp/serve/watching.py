@@ -95,28 +95,19 @@ def _texts(job: Job, ended: Any) -> Iterator[str]:
             continue
         if item is _DONE:
             return
-        parts = [item]
-        while True:  # everything that has arrived, scored in one pass
-            try:
-                more = source.get_nowait()
-            except queue.Empty:
-                break
-            if more is _DONE:
-                source.put(_DONE)
-                break
-            parts.append(more)
-        yield "".join(parts)
+        yield item
 
 
 def _run_watch(job: Job, server: "LiveppServer", loaded: Any, prompt: str | None, chat: bool, policies: list[Any],
                steps: str | None, sink: OutboxSink) -> None:
-    from livepp.engines.torch.proxy import ProxyStream
+    from livepp.engines.torch.proxy import BufferedText, ProxyStream
 
     def ended(reason: str) -> None:
         stream.finish_reason = reason  # cancelled, shutdown: not the text's end
 
     try:
-        stream = ProxyStream(loaded, _texts(job, ended), GenerationParams(top_logprobs=5), prompt=prompt, chat=chat)
+        # Read ahead: text that arrives while a pass runs is scored together in the next.
+        stream = ProxyStream(loaded, BufferedText(_texts(job, ended)), GenerationParams(top_logprobs=5), prompt=prompt, chat=chat)
     except LiveppError as exc:
         job.final.append({"type": "error", "id": job.id, "code": "bad_params", "message": one_line(exc)})
         return
@@ -126,3 +117,5 @@ def _run_watch(job: Job, server: "LiveppServer", loaded: Any, prompt: str | None
         monitor.run(stream, model=loaded.name, params={"proxy": loaded.name, "window": 32}, engine="proxy")
     except Exception as exc:
         job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
+    finally:
+        job.text.put(_DONE)  # type: ignore[attr-defined]  # a policy stop: the reader thread ends too

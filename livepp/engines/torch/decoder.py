@@ -97,6 +97,12 @@ def encode_prompt(tok: Any, prompt: Prompt, *, raw: bool = False, name: str = "t
     return [int(i) for i in tok(prompt, add_special_tokens=True)["input_ids"]]
 
 
+def alternatives(tokenizer: Any, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
+    """(token id, logprob) pairs as alternatives, each with its text."""
+    decode = tokenizer.decode
+    return tuple(TopLogprob(i, decode([i]), lp) for i, lp in top)
+
+
 def token_record(stats: Any, text: str, finish: str | None, alternatives: tuple[TopLogprob, ...]) -> TokenRecord:
     return TokenRecord(
         token_id=stats.token_id,
@@ -268,8 +274,7 @@ class Decoder:
                     stats_tensor = next_token_stats(logits[-1], params, generator)
                 for injected in forced_token_stats(logits[:-1], feed[1:], params):
                     text = text_side.add_injected(injected.token_id)
-                    yield dataclasses.replace(token_record(injected, text, None, self._alternatives(injected.top)),
-                                              sampling_logprob=None, injected=True)
+                    yield dataclasses.replace(token_record(injected, text, None, self._alternatives(injected.top)), injected=True)
                 position += len(feed)
                 continue
             # Only now, after the consumer asked for more, pay for the next token.
@@ -288,8 +293,7 @@ class Decoder:
         return ids
 
     def _alternatives(self, top: tuple[tuple[int, float], ...]) -> tuple[TopLogprob, ...]:
-        decode = self.tokenizer.decode
-        return tuple(TopLogprob(i, decode([i]), lp) for i, lp in top)
+        return alternatives(self.tokenizer, top)
 
     # ---- convenience ------------------------------------------------------
     @contextlib.contextmanager

@@ -37,11 +37,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from livepp.core.events import TokenRecord, TopLogprob
+from livepp.core.events import TokenRecord
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.engines.detokenize import IncrementalDetokenizer
 from livepp.engines.torch.models import LoadedModel
+from livepp.engines.torch.decoder import alternatives, token_record
 from livepp.engines.torch.sampling import forced_token_stats
+from livepp.scoring.teacher_forced import carries_target, target_prefix
 
 __all__ = ["GrowingText", "IncrementalScorer", "ProxyStream", "BufferedText", "proxy_prefix", "decode_chunks"]
 
@@ -58,11 +60,7 @@ def proxy_prefix(tokenizer: Any, prompt: str | None, *, chat: bool) -> tuple[str
         return "", True
     if not prompt.strip():
         raise LiveppError("the prompt is empty")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise LiveppError("--chat: this model's tokenizer has no chat template")
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False), False
-    return prompt, True
+    return target_prefix(tokenizer, prompt, chat=chat)
 
 
 class GrowingText:
@@ -114,8 +112,8 @@ class GrowingText:
                 return []  # not a clean cut yet: wait for more text
         ids, offsets = self._encode(self.tail[:cut], specials)
         out = []
-        for token_id, (s, e) in zip(ids, offsets):
-            if not self.in_target and e > self.boundary and not (token_id in self.special_ids and s == e):
+        for token_id, span in zip(ids, offsets):
+            if not self.in_target and carries_target(token_id, span, self.boundary, self.special_ids):
                 self.in_target = True
             out.append((token_id, self.in_target))
         self.tail = self.tail[cut:]
@@ -250,7 +248,7 @@ class ProxyStream:
         first = self.scorer.n
         scored = self.scorer.push(items)
         by_position = dict(scored)
-        decode = self.loaded.tokenizer.decode
+        tokenizer = self.loaded.tokenizer
         for offset, (token_id, in_target) in enumerate(items):
             if not in_target:
                 continue
@@ -258,11 +256,7 @@ class ProxyStream:
             stats = by_position.get(first + offset)
             if stats is None:
                 continue  # the very first position: nothing predicts it
-            self._pending.append(TokenRecord(
-                token_id=token_id, text=text, logprob=stats.logprob, entropy=stats.entropy,
-                top_logprobs=tuple(TopLogprob(i, decode([i]), lp) for i, lp in stats.top),
-                confidence=stats.confidence, varentropy=stats.varentropy,
-            ))
+            self._pending.append(token_record(stats, text, None, alternatives(tokenizer, stats.top)))
         if final and self._pending:
             rest = self._detok.finish()
             if rest:
