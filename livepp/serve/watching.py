@@ -21,6 +21,7 @@ from livepp.core.monitor import Monitor
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
 from livepp.core.steps import step_rule
+from livepp.core.stream import WrappedStream
 from livepp.serve.jobs import ClientError, Job, OutboxSink, error_code, one_line
 from livepp.serve.outbox import Outbox
 
@@ -81,13 +82,11 @@ def add_text(job: Job, text: str | None, *, done: bool = False) -> None:
         source.put(_DONE)
 
 
-def _texts(job: Job, ended: Any) -> Iterator[str]:
-    """The client's text as it arrives, until done or the job is stopped
-    (then ``ended(reason)`` says why)."""
+def _texts(job: Job) -> Iterator[str]:
+    """The client's text as it arrives, until done or the job is stopped."""
     source: queue.SimpleQueue = job.text  # type: ignore[attr-defined]
     while True:
         if job.stop_reason is not None:
-            ended(job.stop_reason)
             return
         try:
             item = source.get(timeout=0.1)
@@ -98,16 +97,27 @@ def _texts(job: Job, ended: Any) -> Iterator[str]:
         yield item
 
 
+class _WatchStream(WrappedStream):
+    """The proxy's stream, ending with the job's stop (a cancel, a
+    shutdown, a client gone) rather than eos when the job was stopped."""
+
+    def __init__(self, inner: Any, job: Job) -> None:
+        super().__init__(inner)
+        self.job = job
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.job.stop_reason or self.inner.finish_reason
+
+
 def _run_watch(job: Job, server: "LiveppServer", loaded: Any, prompt: str | None, chat: bool, policies: list[Any],
                steps: str | None, sink: OutboxSink) -> None:
     from livepp.engines.torch.proxy import BufferedText, ProxyStream
 
-    def ended(reason: str) -> None:
-        stream.finish_reason = reason  # cancelled, shutdown: not the text's end
-
     try:
         # Read ahead: text that arrives while a pass runs is scored together in the next.
-        stream = ProxyStream(loaded, BufferedText(_texts(job, ended)), GenerationParams(top_logprobs=5), prompt=prompt, chat=chat)
+        stream = _WatchStream(ProxyStream(loaded, BufferedText(_texts(job)), GenerationParams(top_logprobs=5), prompt=prompt,
+                                          chat=chat), job)
     except LiveppError as exc:
         job.final.append({"type": "error", "id": job.id, "code": "bad_params", "message": one_line(exc)})
         return
