@@ -15,7 +15,8 @@ from livepp.core.monitor import Monitor, Result, Sink
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import Policy
 from livepp.core.tracker import Tracker
-from livepp.engines.protocol import ModelLike, Prompt, as_engine
+from livepp.engines.protocol import Prompt
+from livepp.engines.select import ModelLike, as_engine
 
 if TYPE_CHECKING:
     from livepp.engines.torch.decoder import Decoder

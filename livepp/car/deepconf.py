@@ -36,12 +36,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from livepp.core.batch_monitor import MonitoredBatch, sample_emitter
-from livepp.engines.protocol import Engine, Prompt, as_engine
+from livepp.engines.protocol import Engine, Prompt
+from livepp.engines.select import as_engine
 from livepp.core.events import EndEvent, TokenEvent
 from livepp.core.monitor import Sink
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import ConfidenceStop, warmup_threshold
-from livepp.car.routing import vote_key
+from livepp.car.answers import vote_key
 from livepp.core.tracker import Tracker
 
 __all__ = ["TraceOutcome", "ThinkResult", "weighted_vote", "think"]

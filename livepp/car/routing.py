@@ -22,10 +22,11 @@ from livepp.car.calibration import Calibration
 from livepp.core.monitor import Monitor, Result, Sink
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import CARRouter
-from livepp.engines.protocol import Engine, as_engine
-from livepp.car.tasks import last_number
+from livepp.engines.protocol import Engine
+from livepp.engines.select import as_engine
+from livepp.car.answers import vote_key
 
-__all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "DeepConfRoute", "vote_key", "RouteOutcome", "short_answer", "route"]
+__all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "DeepConfRoute", "RouteOutcome", "short_answer", "route"]
 
 SHORT_PROMPT = "{question} Answer briefly."
 LONG_PROMPT = "{question}\nThink step by step, then give the final answer on the last line."
@@ -61,12 +62,6 @@ class StepByStep:
         result = _run(self.engine, LONG_PROMPT.format(question=question), params, sinks)
         assert result.end is not None
         return LongAnswer(result.text, result.end.n_tokens, {"ppl": result.end.ppl, "reason": result.end.reason})
-
-
-def vote_key(text: str) -> str:
-    """The answer a reply gives, for voting: its last number, else its normalised text."""
-    number = last_number(text)
-    return f"{number:g}" if number is not None else " ".join(text.lower().split()).strip(" .!")
 
 
 class Vote:

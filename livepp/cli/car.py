@@ -16,7 +16,7 @@ __all__ = ["calibrate_cmd", "route_cmd", "replay_cmd"]
 
 
 def _fail(message: str, as_json: bool, code: int) -> None:
-    from livepp.cli.main import _fail as fail
+    from livepp.cli.common import fail
 
     fail(message, as_json=as_json, code=code)
 

@@ -119,7 +119,7 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
       livepp score records.jsonl --json
       livepp score notes.txt --max-length 512 --convention lm-eval
     """
-    from livepp.cli.main import _fail
+    from livepp.cli.common import fail as _fail
 
     try:
         if stride is not None and max_length is None:

@@ -51,7 +51,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
       livepp serve --port 0 --token s3cret
       livepp serve --remote http://127.0.0.1:8000/v1 --remote-model qwen --policy early-stop:threshold=8
     """
-    from livepp.cli.main import _fail
+    from livepp.cli.common import fail as _fail
 
     try:
         from livepp.serve.app import LiveppServer, ServerConfig, serve_forever

@@ -43,7 +43,7 @@ def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tok
       livepp think "What is 17 + 25?" --traces 8 --warmup 3 --eta 90 --group 16 --max-new-tokens 96
       livepp think "What is 17 + 25?" --mode offline --traces 8 --group 16 --json
     """
-    from livepp.cli.main import _fail
+    from livepp.cli.common import fail as _fail
 
     try:
         if "{question}" not in template:

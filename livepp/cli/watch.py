@@ -82,7 +82,7 @@ def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride
       some-generator | livepp watch --prompt "Why is the sky blue?" --chat
       livepp watch answer.txt --follow --policy early-stop:threshold=30,metric=window_ppl
     """
-    from livepp.cli.main import command_failed, monitor_one
+    from livepp.cli.common import command_failed, monitor_one
 
     try:
         if engine_kind not in ("torch", "auto"):

@@ -15,14 +15,11 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 from livepp.core.events import TokenEvent
 from livepp.core.params import LiveppError
 from livepp.core.tracker import Tracker
-
-if TYPE_CHECKING:
-    from livepp.car.calibration import Calibration
 
 __all__ = [
     "Action",
@@ -352,6 +349,20 @@ class StepPPL:
                                                 f"has PPL {step.ppl:.3f} > {self.threshold:g}")
 
 
+class RoutingCalibration(Protocol):
+    """What :class:`CARRouter` asks of a calibration (``livepp.car.calibration.Calibration``)."""
+
+    threshold: float
+    early_min_tokens: int | None
+    prefix_models: Any
+
+    def posterior_correct(self, ppl: float) -> float: ...
+
+    def should_route(self, ppl: float) -> bool: ...
+
+    def for_prefix(self, n_tokens: int) -> "RoutingCalibration | None": ...
+
+
 class CARRouter:
     """CAR decision on a short answer's running PPL.
 
@@ -369,7 +380,7 @@ class CARRouter:
     the prefix, which the caller chose knowingly.
     """
 
-    def __init__(self, calibration: "Calibration", *, early: bool = False, min_tokens: int | None = None) -> None:
+    def __init__(self, calibration: RoutingCalibration, *, early: bool = False, min_tokens: int | None = None) -> None:
         self.calibration = calibration
         self.early = early
         if min_tokens is None:

@@ -14,14 +14,12 @@ streams are independent (a remote endpoint schedules its own requests).
 
 from __future__ import annotations
 
-import os
-import sys
 from typing import Any, Mapping, Protocol, Sequence, Union
 
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import BatchTokenStream, TokenStream
 
-__all__ = ["Prompt", "Engine", "ModelLike", "as_engine", "check_prompt", "chat_messages", "local_kind", "supports_continuous_batching"]
+__all__ = ["Prompt", "Engine", "check_prompt", "chat_messages"]
 
 # A prompt is text (a user message for chat models, unless params.raw) or a
 # list of chat messages ({"role": ..., "content": ...}).
@@ -67,48 +65,3 @@ def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
     if not any(m["content"].strip() for m in out):
         raise LiveppError("the messages are all empty")
     return out
-
-
-# What the API accepts as a model: an engine, or what the torch engine loads.
-ModelLike = Union[Engine, Any, str, "os.PathLike[str]", None]
-
-
-def as_engine(model: ModelLike, *, device: str = "cpu", dtype: str = "float32") -> Engine:
-    """An engine from ``model``: an engine as it is; a ``Decoder``, a loaded
-    model, a path or cached Hub id, or None (the embedded default model) as
-    the local torch engine, loading a path on ``device`` in ``dtype``."""
-    if model is None or isinstance(model, (str, os.PathLike)):
-        return _torch_engine(model, device=device, dtype=dtype)
-    # A decoder or loaded model can only exist once its module is imported,
-    # so looking there never imports torch for a remote or scripted engine.
-    local = [getattr(sys.modules.get(m), n, None) for m, n in _LOCAL_TYPES]
-    if any(t is not None and isinstance(model, t) for t in local):
-        return _torch_engine(model, device=device, dtype=dtype)
-    return model  # an engine
-
-
-_LOCAL_TYPES = (("livepp.engines.torch.engine", "TorchEngine"), ("livepp.engines.torch.decoder", "Decoder"),
-                ("livepp.engines.torch.models", "LoadedModel"))
-
-
-def _torch_engine(model: Any, *, device: str, dtype: str) -> Engine:
-    from livepp.engines.torch.engine import torch_engine
-
-    return torch_engine(model, device=device, dtype=dtype)
-
-
-def local_kind(engine: Any) -> str | None:
-    """"torch" or "llama.cpp" for a local engine that continuous batching can
-    run, else None. A module not yet imported cannot have made ``engine``, so
-    this never imports torch for a remote or scripted engine."""
-    torch_mod, llama_mod = sys.modules.get("livepp.engines.torch.engine"), sys.modules.get("livepp.engines.llamacpp")
-    if torch_mod is not None and isinstance(engine, torch_mod.TorchEngine):
-        return "torch"
-    if llama_mod is not None and isinstance(engine, llama_mod.LlamaCppEngine):
-        return "llama.cpp"
-    return None
-
-
-def supports_continuous_batching(engine: Any) -> bool:
-    return local_kind(engine) is not None
-

@@ -33,7 +33,8 @@ from typing import Any, Iterator, Sequence
 
 from livepp.core.events import TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
-from livepp.engines.protocol import Prompt, local_kind, supports_continuous_batching
+from livepp.engines.protocol import Prompt
+from livepp.engines.select import local_kind, supports_continuous_batching
 from livepp.engines.torch.batch import Row, batch_requests, new_row, sample_rows
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]

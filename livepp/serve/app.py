@@ -44,7 +44,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
-from livepp.engines.protocol import Engine, as_engine
+from livepp.engines.protocol import Engine
+from livepp.engines.select import as_engine
 from livepp.core.events import dumps
 from livepp.core.monitor import Monitor
 from livepp.serve.http_front import bearer
@@ -125,7 +126,7 @@ class LiveppServer:
         self.config = config
         self.scheduler: Any = None
         if config.max_batch > 1 and engine.serial:
-            from livepp.engines.protocol import supports_continuous_batching
+            from livepp.engines.select import supports_continuous_batching
 
             if supports_continuous_batching(engine):  # a local torch or llama.cpp engine
                 from livepp.engines.scheduler import Scheduler
