@@ -207,15 +207,21 @@ def test_errors_are_openai_shaped(client, model, server):
 
 
 def raw_http(port: int, data: bytes) -> tuple[int, dict, bytes]:
-    """(status, headers lower-cased, body) of one raw HTTP exchange."""
+    """(status, headers lower-cased, body) of one raw HTTP exchange: the
+    answer is read by its Content-Length (the connection may stay open), or
+    to the end of the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(data)
         reply = b""
-        while chunk := s.recv(65536):
+        while b"\r\n\r\n" not in reply and (chunk := s.recv(65536)):
             reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    return int(lines[0].split(" ")[1]), {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}, body
+        head, _, body = reply.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in lines[1:])}
+        length = headers.get("content-length")
+        while (length is None or len(body) < int(length)) and (chunk := s.recv(65536)):
+            body += chunk
+    return int(lines[0].split(" ")[1]), headers, body
 
 
 def raw_json(port: int, data: bytes) -> tuple[int, dict]:

@@ -7,9 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LiveppError", "PromptTooLong", "EngineBusy", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS"]
+__all__ = ["LiveppError", "PromptTooLong", "EngineBusy", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS", "GREEDY_BELOW"]
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# A temperature below this is greedy (vLLM's rule): dividing fp32 logits by a
+# smaller one overflows to inf, and softmax of inf - inf is NaN.
+GREEDY_BELOW = 1e-5
 
 
 class LiveppError(ValueError):
@@ -42,7 +45,8 @@ def _is_number(x: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class GenerationParams:
-    """How to generate. ``temperature=0`` means greedy (argmax of the raw logits).
+    """How to generate. ``temperature=0`` means greedy (argmax of the raw
+    logits), and so does any temperature below ``GREEDY_BELOW`` (1e-5).
 
     Sampling filters apply in this order to the logits divided by the
     temperature: top-k, then top-p (nucleus), then min-p. None of them changes
@@ -86,7 +90,7 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerationParams":
@@ -104,7 +108,10 @@ class GenerationParams:
             values["stop"] = tuple(stop)
         for name in ("temperature", "top_p", "min_p"):
             if _is_int(values.get(name)):
-                values[name] = float(values[name])
+                try:
+                    values[name] = float(values[name])
+                except OverflowError:
+                    raise LiveppError(f"{name} is out of range: {values[name]:.6g}") from None
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

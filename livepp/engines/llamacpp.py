@@ -35,7 +35,7 @@ from livepp.core.events import TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, sample_rows
+from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, records_or_raise, sample_rows
 from livepp.engines.torch.decoder import alternatives, encode_prompt
 
 __all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
@@ -253,7 +253,7 @@ class LlamaBatch(SteppedRows):
                 logits.append(first[prompt][1])
             active = list(self.rows)
             while active:
-                yield from self._emit(active, sample_rows(engine, active, logits))
+                yield from self._emit(active, records_or_raise(sample_rows(engine, active, logits)))
                 self._apply_stops(self.rows)
                 for r in active:
                     if r.done:
@@ -283,9 +283,6 @@ class LlamaBackend:
         self.engine, self.name, self.kind = engine, engine.name, engine.kind
         self.text, self.llama = engine, engine.llama
         self.reset()
-
-    def encode(self, prompt: Any, *, raw: bool) -> list[int]:
-        return self.engine.encode(prompt, raw=raw)
 
     def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Any]:
         """One callable per decode; the last returns each row's next-token logits."""

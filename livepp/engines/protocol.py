@@ -14,7 +14,7 @@ streams are independent (a remote endpoint schedules its own requests).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, Sequence, Union
+from typing import Mapping, Protocol, Sequence, Union
 
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import BatchTokenStream, TokenStream

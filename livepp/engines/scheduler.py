@@ -23,6 +23,7 @@ the rounding of padded kernels (the tests check ≤ 1e-4).
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import time
@@ -35,7 +36,9 @@ from livepp.core.events import TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
 from livepp.engines.protocol import Prompt
 from livepp.engines.select import local_kind, supports_continuous_batching
+from livepp.engines.prompt_size import longest_piece, refuse_oversized
 from livepp.engines.torch.batch import Row, batch_requests, new_row, sample_rows
+from livepp.engines.torch.decoder import encode_prompt
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
 
@@ -97,14 +100,19 @@ class Scheduler:
             raise LiveppError(f"--max-batch {max_batch} is above this engine's {limit} sequences")
         self.backend = backend_for(engine)
         self.name, self.kind = self.backend.name, self.backend.kind
-        self.text = self.backend.text  # the text side rows are made and sampled with
+        self.text = self.backend.text  # the text side rows are made and sampled with (the loop's own)
+        # Prompts are encoded by the threads that submit them, with a copy of
+        # the tokenizer under a lock of its own: a long prompt's tokenization
+        # never holds up the loop, which detokenizes with the original.
+        self._encoder = copy.deepcopy(self.text.tokenizer)
+        self._encoding = threading.Lock()
+        self.chars_per_token = longest_piece(self._encoder)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         # An idle engine waits this long after the latest arrival (at most 5x
         # in all) before prefilling, so a burst of requests shares one prefill.
         self.gather_s = gather_s
         self._last_submit = 0.0
         self._cv = threading.Condition()
-        self._tokenizer = threading.Lock()  # the tokenizer is shared by callers and the loop
         self._queue: deque[_Slot] = deque()
         self._prefill: list[_Slot] = []
         self._prefill_steps: Iterator[Any] | None = None
@@ -142,8 +150,11 @@ class Scheduler:
 
     def _submit(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> _Channel:
         channel = _Channel()
-        with self._tokenizer:
-            rows = [new_row(self.text, i, r) for i, r in enumerate(batch_requests(self.backend.encode, prompts, params))]
+        for prompt in prompts:
+            refuse_oversized(prompt, context_length=self.text.context_length, chars_per_token=self.chars_per_token)
+        with self._encoding:
+            requests = batch_requests(self._encode, prompts, params)
+        rows = [new_row(self.text, i, r) for i, r in enumerate(requests)]
         with self._cv:
             if self._stopping:
                 raise LiveppError("the engine is shutting down")
@@ -165,6 +176,9 @@ class Scheduler:
                 self._thread.start()
             self._cv.notify_all()
         return channel
+
+    def _encode(self, prompt: Prompt, *, raw: bool) -> list[int]:
+        return encode_prompt(self._encoder, prompt, raw=raw, name=self.name)
 
     # ---- the consumer side (the stream's thread) ----------------------------
     def _get(self, channel: _Channel) -> tuple[int, TokenRecord]:
@@ -276,8 +290,7 @@ class Scheduler:
             return  # more chunks to go; running rows step in between
         self._prefill_steps = None
         group = self._prefill
-        with self._tokenizer:
-            records = sample_rows(self.text, [s.row for s in group], logits)
+        records = sample_rows(self.text, [s.row for s in group], logits)
         with self._cv:
             keep = [k for k, s in enumerate(group) if not s.row.done and not s.cancelled]
             self._deliver(group, records)
@@ -303,17 +316,27 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(rows))
         for r in rows:
             r.position += 1
-        with self._tokenizer:
-            records = sample_rows(self.text, rows, logits)
+        records = sample_rows(self.text, rows, logits)
         with self._cv:
             self._deliver(self._active, records)
             keep = [k for k, s in enumerate(self._active) if not s.done]
             if len(keep) < len(self._active):
                 self._select(keep)
 
-    def _deliver(self, slots: Sequence[_Slot], records: Sequence[TokenRecord]) -> None:
+    def _deliver(self, slots: Sequence[_Slot], records: Sequence[TokenRecord | Exception]) -> None:
         for s, record in zip(slots, records):
             if s.cancelled:
+                s.done = True
+                continue
+            if isinstance(record, Exception):
+                # This row's failure ends its request (every row of its
+                # channel) after what it already has; no other row sees it.
+                channel = s.channel
+                if channel.error is None:
+                    channel.error = record
+                for other in channel.rows:
+                    if not other.done:
+                        other.cancelled = other.cancelled or "error"
                 s.done = True
                 continue
             s.channel.pending.append((s.local, record))

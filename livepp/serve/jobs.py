@@ -61,11 +61,13 @@ _END = object()
 
 
 class ClientError(Exception):
-    """A request refused with an error code (the README lists them)."""
+    """A request refused with an error code (the README lists them), and
+    the id of the request it refuses when it has one."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.request_id = request_id
 
 
 @dataclass(eq=False)  # identity, so jobs can live in a set

@@ -1,8 +1,8 @@
 """The OpenAI API's request and response shapes, and livepp's namespaced additions.
 
-:func:`parse_request` turns a ``/v1/chat/completions`` or ``/v1/completions``
-body into a :class:`CompletionRequest` (or an :class:`OpenAIError` naming the
-bad parameter); :class:`ChoiceBuilder` turns one choice's monitor events into
+:func:`parse_request` turns a validated ``/v1/chat/completions`` or
+``/v1/completions`` body (:mod:`livepp.serve.openai_models`) into a
+:class:`ParsedRequest` (or an :class:`OpenAIError` naming the bad parameter); :class:`ChoiceBuilder` turns one choice's monitor events into
 OpenAI chunks (streaming) or one choice object (not streaming). What livepp
 adds sits under ``livepp`` keys, which OpenAI clients carry through untouched:
 
@@ -21,29 +21,20 @@ adds sits under ``livepp`` keys, which OpenAI clients carry through untouched:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from livepp.core.events import EndEvent, Event, PolicyEvent, StepEvent, TokenEvent, json_safe, to_json_dict
 from livepp.core.params import GenerationParams, LiveppError
-from livepp.core.policies import parse_policy
 from livepp.core.steps import step_rule
 from livepp.engines.protocol import Prompt, chat_messages
+from livepp.serve.openai_models import ChatCompletionRequest, ChatMessage, CompletionRequest, LiveppOptions
 
-__all__ = ["OpenAIError", "CompletionRequest", "parse_request", "ChoiceBuilder", "ContentGate", "finish_reason_of", "usage"]
+__all__ = ["OpenAIError", "ParsedRequest", "parse_request", "ChoiceBuilder", "ContentGate", "finish_reason_of", "usage"]
 
 TOKEN_STATS = ("index", "token_id", "logprob", "entropy", "varentropy", "ppl", "window_ppl", "mean_nll",
                "confidence", "group_confidence", "surprise_z")
-
-# Request fields livepp cannot honour: refused by name rather than ignored.
-_REFUSED = {
-    "tools": "tools are not supported", "functions": "functions are not supported",
-    "tool_choice": "tools are not supported", "function_call": "functions are not supported",
-    "audio": "audio is not supported", "prediction": "predicted outputs are not supported",
-    "suffix": "suffix is not supported",
-}
 
 
 class OpenAIError(Exception):
@@ -58,12 +49,14 @@ class OpenAIError(Exception):
         return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _bad(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
-    return OpenAIError(400, message, param=param, code=code)
+def _bad(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
 
 
 @dataclass
-class CompletionRequest:
+class ParsedRequest:
+    """A /v1 request, checked, as livepp runs it."""
+
     kind: str  # "chat" or "completions"
     model: str
     prompts: list[Prompt]
@@ -82,152 +75,66 @@ class CompletionRequest:
         return len(self.prompts) * self.n
 
 
-def _int(body: dict[str, Any], name: str, lo: int, hi: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-        bound = f"an integer from {lo} to {hi}" if hi is not None else f"an integer >= {lo}"
-        raise _bad(f"{name} must be {bound}, got {value!r}", name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, default: float) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise _bad(f"{name} must be a number, got {value!r}", name)
-    return float(value)
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Chat messages with text content (a string, or a list of text parts)."""
-    if not isinstance(value, list) or not value:
-        raise _bad("messages must be a non-empty array of {role, content} objects", "messages")
     out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}] must be an object", f"messages[{i}]")
-        content = m.get("content")
+    for m in messages:
+        content = m.content
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise _bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise _bad(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
-        role = m.get("role")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+            content = "".join(part.text for part in content)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
     try:
         return chat_messages(out)
     except LiveppError as exc:
         raise _bad(str(exc), "messages") from None
 
 
-def parse_request(kind: str, raw: bytes, *, models: tuple[str, ...], default_max_tokens: int, max_n: int,
-                  max_step_regex: int | None = None) -> CompletionRequest:
-    """A request body, checked; ``models`` are the names this server answers to."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise _bad(f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise _bad("the body must be a JSON object")
-    for name, why in _REFUSED.items():
-        if body.get(name) not in (None, [], ""):
-            raise _bad(f"{name}: {why} by livepp", name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0) != 0.0:
-            raise _bad(f"{name} is not supported by livepp (leave it 0)", name)
-    if body.get("logit_bias"):
-        raise _bad("logit_bias is not supported by livepp", "logit_bias")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise _bad("response_format: only {\"type\": \"text\"} is supported", "response_format")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise _bad("model is required", "model")
-    if model not in models:
-        raise OpenAIError(404, f"The model '{model}' does not exist; this server serves {', '.join(repr(m) for m in models[:1])}",
+def parse_request(kind: str, body: ChatCompletionRequest | CompletionRequest, *, models: tuple[str, ...], default_max_tokens: int,
+                  max_n: int, max_step_regex: int | None = None) -> ParsedRequest:
+    """A validated body (see :mod:`livepp.serve.openai_models`) as livepp runs
+    it; ``models`` are the names this server answers to."""
+    if body.model not in models:
+        raise OpenAIError(404, f"The model '{body.model}' does not exist; this server serves {', '.join(repr(m) for m in models[:1])}",
                           param="model", code="model_not_found")
-
-    if kind == "chat":
-        prompts: list[Prompt] = [_messages(body.get("messages"))]
-        if body.get("logprobs") not in (None, True, False):
-            raise _bad("logprobs must be true or false", "logprobs")
-        logprobs = bool(body.get("logprobs"))
-        top = _int(body, "top_logprobs", 0, 20)
-        if top and not logprobs:
+    if isinstance(body, ChatCompletionRequest):
+        prompts: list[Prompt] = [_messages(body.messages)]
+        logprobs = bool(body.logprobs)
+        if body.top_logprobs and not logprobs:
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
-        top_logprobs = top or 0
-        max_tokens = _int(body, "max_completion_tokens", 1)
-        if max_tokens is None:
-            max_tokens = _int(body, "max_tokens", 1)
+        top_logprobs = body.top_logprobs or 0
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, str):
-            prompts = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            prompts = list(prompt)
-        else:
-            raise _bad("prompt must be a string or an array of strings (token arrays are not supported)", "prompt")
-        if any(not p.strip() for p in prompts):
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts or any(not p.strip() for p in prompts):
             raise _bad("prompt must not be empty", "prompt")
-        if body.get("echo"):
-            raise _bad("echo is not supported by livepp", "echo")
-        if body.get("best_of") not in (None, 1):
-            raise _bad("best_of is not supported by livepp", "best_of")
-        top = _int(body, "logprobs", 0, 20)
-        logprobs, top_logprobs = top is not None, top or 0
-        max_tokens = _int(body, "max_tokens", 1)
-    n = _int(body, "n", 1, max_n) or 1
-    if len(prompts) * n > max_n:
+        logprobs, top_logprobs = body.logprobs is not None, body.logprobs or 0
+        max_tokens = body.max_tokens
+    n = body.n or 1
+    if n > max_n or len(prompts) * n > max_n:
         raise _bad(f"at most {max_n} choices per request (prompts x n)", "n")
-
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _bad("stop must be a string or an array of strings", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool) and stream is not None:
-        raise _bad("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad("stream_options must be an object", "stream_options")
-    extra = body.get("livepp") or {}
-    if not isinstance(extra, dict):
-        raise _bad("livepp must be an object such as {\"policies\": [\"early-stop:threshold=8\"]}", "livepp")
-    unknown = sorted(set(extra) - {"policies", "window", "steps"})
-    if unknown:
-        raise _bad(f"unknown livepp field(s) {', '.join(unknown)}; known: policies, window, steps", "livepp")
-    policies = extra.get("policies") or []
-    if not isinstance(policies, list) or not all(isinstance(s, str) for s in policies):
-        raise _bad("livepp.policies must be an array of policy specs such as 'early-stop:threshold=8'", "livepp.policies")
-    window = _int(extra, "window", 1, 4096) or 32
+    extra = body.livepp or LiveppOptions()
     try:
-        for spec in policies:
-            parse_policy(spec)
-        steps = step_rule(extra.get("steps"), max_length=max_step_regex)
+        steps = step_rule(extra.steps, max_length=max_step_regex)
+    except LiveppError as exc:
+        raise _bad(str(exc), "livepp.steps") from None
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
         params = GenerationParams(
             max_new_tokens=max_tokens or default_max_tokens,
-            temperature=_number(body, "temperature", 1.0),
-            top_p=_number(body, "top_p", 1.0),
-            top_k=_int(body, "top_k", 0) or 0,  # extensions vLLM and llama.cpp accept
-            min_p=_number(body, "min_p", 0.0),
-            seed=_int(body, "seed", 0),
-            stop=tuple(stop or ()),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=max(0, body.top_k or 0),  # -1 is vLLM's "off"
+            min_p=body.min_p or 0.0,
+            seed=body.seed,
+            stop=tuple(stop),
             top_logprobs=top_logprobs,
             raw=kind == "completions",
         )
     except LiveppError as exc:
         raise _bad(str(exc)) from None
-    return CompletionRequest(kind=kind, model=model, prompts=prompts, params=params, n=n, stream=bool(stream),
-                             include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top_logprobs,
-                             policies=policies, window=window, steps=steps)
+    return ParsedRequest(kind=kind, model=body.model, prompts=prompts, params=params, n=n, stream=bool(body.stream),
+                         include_usage=bool(body.stream_options and body.stream_options.include_usage), logprobs=logprobs,
+                         top_logprobs=top_logprobs, policies=list(extra.policies), window=extra.window, steps=steps)
 
 
 class ContentGate:
@@ -286,7 +193,7 @@ def token_stats(event: TokenEvent) -> dict[str, Any]:
 class ChoiceBuilder:
     """One choice's events as OpenAI chunks (or, at the end, one choice)."""
 
-    def __init__(self, index: int, request: CompletionRequest) -> None:
+    def __init__(self, index: int, request: ParsedRequest) -> None:
         self.index, self.request = index, request
         self.kind = request.kind
         self.gate = ContentGate(request.params.stop)
@@ -377,7 +284,7 @@ def usage(choices: list[ChoiceBuilder], n: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def envelope(request: CompletionRequest, request_id: str, created: int, *, chunk: bool) -> dict[str, Any]:
+def envelope(request: ParsedRequest, request_id: str, created: int, *, chunk: bool) -> dict[str, Any]:
     if request.kind == "chat":
         obj = "chat.completion.chunk" if chunk else "chat.completion"
     else:

@@ -14,49 +14,24 @@ traces decode together with everyone else's requests.
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 from livepp.core.events import Event, to_json_dict
-from livepp.core.params import GenerationParams, LiveppError
-from livepp.serve.jobs import ClientError, Job, OutboxSink, error_code, one_line
-from livepp.serve.outbox import Outbox
+from livepp.serve.jobs import Job, OutboxSink, error_code, one_line
+from livepp.serve.ws_protocol import Message, RouteRequest, SessionHandle, ThinkRequest, parse_route, parse_think
 
 if TYPE_CHECKING:
-    from livepp.serve.app import LiveppServer
+    from livepp.serve.service import Service
 
 __all__ = ["start_route", "start_think"]
-
-
-def _check_opts(opts: Any, known: dict[str, tuple[type, ...]], what: str) -> dict[str, Any]:
-    opts = {} if opts is None else opts
-    if not isinstance(opts, dict):
-        raise ClientError("bad_params", f"{what} params must be an object")
-    for k, v in opts.items():
-        types = known.get(k)
-        if types is None:
-            raise ClientError("bad_params", f"{what} params: unknown {k!r}; known: {', '.join(known)}")
-        if v is None and type(None) in types:
-            continue
-        if isinstance(v, bool) != (bool in types) or not isinstance(v, types):
-            names = "/".join(t.__name__ for t in types if t is not type(None))
-            raise ClientError("bad_params", f"{what} params: {k} must be {names}, got {v!r}")
-    return opts
-
-
-def _question(data: dict[str, Any]) -> str:
-    question = data.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise ClientError("bad_params", "question must be a non-empty string")
-    return question
 
 
 class _Tagged:
     """Events of one stage or trace to the client, tagged, and to the metrics."""
 
-    def __init__(self, server: "LiveppServer", job: Job, sink: OutboxSink, kind: str, tags: dict[str, Any]) -> None:
+    def __init__(self, service: "Service", job: Job, sink: OutboxSink, kind: str, tags: dict[str, Any]) -> None:
         self.sink, self.job, self.tags = sink, job, tags
-        self.metrics = server.metrics.sink(job.id, kind, job.accepted_at)
+        self.metrics = service.metrics.sink(job.id, kind, job.accepted_at)
 
     def emit(self, event: Event) -> None:
         self.metrics.emit(event)
@@ -64,29 +39,23 @@ class _Tagged:
         self.sink.loop.call_soon_threadsafe(self.sink.outbox.put, data)
 
 
-def start_route(server: "LiveppServer", data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
-    question = _question(data)
-    opts = _check_opts(data.get("params"), {"early": (bool,), "long_max_tokens": (int,), "short_max_tokens": (int,)}, "route")
-    cap = server.config.max_new_tokens_cap
-    if not all(1 <= opts.get(k, 1) <= cap for k in ("long_max_tokens", "short_max_tokens")):
-        raise ClientError("bad_params", f"token limits must be between 1 and {cap}")
-    job = server._new_job(data, jobs)
-    server._launch(job, jobs, outbox, loop, _run_route, server, question, opts, OutboxSink(loop, outbox, job.id))
+def start_route(session: SessionHandle, message: Message) -> None:
+    session.start(message, _run_route, parse_route(message.data, session.limits), end_is_final=False)
 
 
-def _run_route(job: Job, server: "LiveppServer", question: str, opts: dict[str, Any], sink: OutboxSink) -> None:
+def _run_route(job: Job, sink: OutboxSink, session: SessionHandle, request: RouteRequest) -> None:
     from livepp.car.calibration import DEFAULT_CALIBRATION, Calibration
     from livepp.car.routing import StepByStep, route
 
-    cap = server.config.max_new_tokens_cap
-    engine = server.job_engine(job, sink)
+    service = session.service
+    engine = service.job_engine(job, sink)
     try:
-        cal = Calibration.load(server.config.calibration or DEFAULT_CALIBRATION)
+        cal = Calibration.load(service.config.calibration or DEFAULT_CALIBRATION)
         outcome = route(
-            question, engine=engine, calibration=cal, early=opts.get("early", False),
-            long_route=StepByStep(engine, max_new_tokens=opts.get("long_max_tokens", min(256, cap))),
-            short_max_new_tokens=opts.get("short_max_tokens", min(24, cap)),
-            sinks_for=lambda stage: [_Tagged(server, job, sink, "route", {"stage": stage})],
+            request.question, engine=engine, calibration=cal, early=request.early,
+            long_route=StepByStep(engine, max_new_tokens=request.long_max_tokens),
+            short_max_new_tokens=request.short_max_tokens,
+            sinks_for=lambda stage: [_Tagged(service, job, sink, "route", {"stage": stage})],
             on_decision=lambda o: sink.loop.call_soon_threadsafe(sink.outbox.put, o.decision_dict() | {"id": job.id}),
         )
         job.final.append(outcome.answer_dict() | {"id": job.id})
@@ -94,49 +63,31 @@ def _run_route(job: Job, server: "LiveppServer", question: str, opts: dict[str, 
         job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
 
 
-_THINK_PARAMS = {"traces": (int,), "warmup": (int,), "eta": (int, float), "group": (int,), "mode": (str,), "max_new_tokens": (int,),
-                 "temperature": (int, float), "top_p": (int, float), "seed": (int,), "consensus": (int, float, type(None))}
-MAX_TRACES = 64
-
-
-def start_think(server: "LiveppServer", data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
-    question = _question(data)
-    opts = {"traces": 8, "warmup": 3, "eta": 90.0, "group": 16, "mode": "online", "max_new_tokens": min(256, server.config.max_new_tokens_cap),
-            "temperature": 0.7, "top_p": 0.95, "seed": 0, "consensus": None} | _check_opts(data.get("params"), _THINK_PARAMS, "think")
-    if not 1 <= opts["traces"] <= MAX_TRACES:
-        raise ClientError("bad_params", f"traces must be between 1 and {MAX_TRACES}")
-    if opts["max_new_tokens"] > server.config.max_new_tokens_cap:
-        raise ClientError("bad_params", f"max_new_tokens is above this server's cap of {server.config.max_new_tokens_cap}")
-    try:
-        params = GenerationParams(max_new_tokens=opts["max_new_tokens"], temperature=float(opts["temperature"]),
-                                  top_p=float(opts["top_p"]), seed=opts["seed"])
-        if params.greedy:
-            raise LiveppError("DeepConf samples its traces: give a temperature > 0")
-    except LiveppError as exc:
-        raise ClientError("bad_params", str(exc)) from None
-    job = server._new_job(data, jobs)
-    server._launch(job, jobs, outbox, loop, _run_think, server, question, opts, params, OutboxSink(loop, outbox, job.id))
+def start_think(session: SessionHandle, message: Message) -> None:
+    session.start(message, _run_think, parse_think(message.data, session.limits), end_is_final=False)
 
 
 class _Traces:
     """Each trace's events, tagged with its sample number."""
 
-    def __init__(self, server: "LiveppServer", job: Job, sink: OutboxSink) -> None:
-        self.server, self.job, self.sink = server, job, sink
+    def __init__(self, service: "Service", job: Job, sink: OutboxSink) -> None:
+        self.service, self.job, self.sink = service, job, sink
         self.traces: dict[int, _Tagged] = {}
 
     def emit_sample(self, sample: int, event: Event) -> None:
         if sample not in self.traces:
-            self.traces[sample] = _Tagged(self.server, self.job, self.sink, "think", {"sample": sample})
+            self.traces[sample] = _Tagged(self.service, self.job, self.sink, "think", {"sample": sample})
         self.traces[sample].emit(event)
 
 
-def _run_think(job: Job, server: "LiveppServer", question: str, opts: dict[str, Any], params: GenerationParams, sink: OutboxSink) -> None:
+def _run_think(job: Job, sink: OutboxSink, session: SessionHandle, request: ThinkRequest) -> None:
     from livepp.car.deepconf import think
 
+    service = session.service
     try:
-        result = think(question, engine=server.job_engine(job, sink), traces=opts["traces"], warmup=opts["warmup"], eta=float(opts["eta"]),
-                       group=opts["group"], mode=opts["mode"], params=params, consensus=opts["consensus"], sinks=[_Traces(server, job, sink)])
+        result = think(request.question, engine=service.job_engine(job, sink), traces=request.traces, warmup=request.warmup,
+                       eta=request.eta, group=request.group, mode=request.mode, params=request.params, consensus=request.consensus,
+                       sinks=[_Traces(service, job, sink)])
         job.final.append(result.vote_dict() | {"id": job.id})
     except Exception as exc:
         job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})

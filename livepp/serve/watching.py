@@ -13,20 +13,15 @@ equals ``livepp score --prompt P --target TEXT`` on the whole text.
 
 from __future__ import annotations
 
-import asyncio
 import queue
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 from livepp.core.monitor import Monitor
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
-from livepp.core.steps import step_rule
 from livepp.core.stream import WrappedStream
 from livepp.serve.jobs import ClientError, Job, OutboxSink, error_code, one_line
-from livepp.serve.outbox import Outbox
-
-if TYPE_CHECKING:
-    from livepp.serve.app import LiveppServer
+from livepp.serve.ws_protocol import Message, SessionHandle, WatchRequest, parse_text, parse_watch
 
 __all__ = ["start_watch", "add_text", "MAX_WATCH_CHARS"]
 
@@ -34,62 +29,62 @@ MAX_WATCH_CHARS = 1_000_000  # text per watch request
 _DONE = object()
 
 
-def proxy_model(server: "LiveppServer") -> Any:
+def _proxy_model(session: SessionHandle) -> Any:
     """The server's local torch model, which scores watched text."""
-    engine = server.scheduler.engine if server.scheduler is not None else server.engine
+    service = session.service
+    engine = service.scheduler.engine if service.scheduler is not None else service.engine
     loaded = getattr(engine, "loaded", None)
     if loaded is None:
         raise ClientError("bad_params", "watch needs a local torch model on this server (not a remote or llama.cpp engine)")
     return loaded
 
 
-def start_watch(server: "LiveppServer", data: dict[str, Any], jobs: dict[str, Job], outbox: Outbox,
-                loop: asyncio.AbstractEventLoop) -> None:
-    prompt, chat, text = data.get("prompt"), data.get("chat", False), data.get("text", "")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise ClientError("bad_params", "prompt must be a non-empty string or null")
-    if not isinstance(chat, bool) or not isinstance(text, str):
-        raise ClientError("bad_params", "chat must be true or false and text a string")
-    specs = data.get("policies") or []
-    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs) or len(specs) > server.config.max_policies:
-        raise ClientError("bad_params", f"policies must be a list of at most {server.config.max_policies} policy specs")
-    try:
-        policies = [parse_policy(s) for s in [*server.config.default_policies, *specs]]
-        steps = step_rule(data.get("steps"), max_length=server.config.max_stop_length)
-    except LiveppError as exc:
-        raise ClientError("bad_params", str(exc)) from None
-    loaded = proxy_model(server)
-    job = server._new_job(data, jobs)
-    job.text = queue.SimpleQueue()  # type: ignore[attr-defined]
-    job.chars = 0  # type: ignore[attr-defined]
-    if text:
-        add_text(job, text)
-    sink = OutboxSink(loop, outbox, job.id, job)
-    server._launch(job, jobs, outbox, loop, _run_watch, server, loaded, prompt, chat, policies, steps, sink)
+class _WatchText:
+    """A watch request's text as the client sends it: a queue the scoring
+    thread reads, and how much has come."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.chars = 0
 
 
-def add_text(job: Job, text: str | None, *, done: bool = False) -> None:
+def start_watch(session: SessionHandle, message: Message) -> None:
+    request = parse_watch(message.data, session.limits)
+    policies = [parse_policy(s) for s in [*session.service.config.default_policies, *request.policies]]
+    loaded = _proxy_model(session)
+    text = _WatchText()
+    if request.text:
+        _add(text, request.text)
+    session.start(message, _run_watch, loaded, request, policies, text, text=text)
+
+
+def add_text(session: SessionHandle, message: Message) -> None:
     """More of a watch request's text (on the event loop thread)."""
-    source = getattr(job, "text", None)
-    if source is None:
-        raise ClientError("bad_message", f"request {job.id!r} is not a watch request")
-    if text:
-        job.chars += len(text)  # type: ignore[attr-defined]
-        if job.chars > MAX_WATCH_CHARS:  # type: ignore[attr-defined]
+    request_id = session.state.target(message, "running watch request")
+    text = session.texts.get(request_id)
+    if text is None:
+        raise ClientError("bad_message", f"request {request_id!r} is not a watch request", request_id)
+    chunk, done = parse_text(message.data)
+    _add(text, chunk, done=done)
+
+
+def _add(text: _WatchText, chunk: str | None, *, done: bool = False) -> None:
+    if chunk:
+        text.chars += len(chunk)
+        if text.chars > MAX_WATCH_CHARS:
             raise ClientError("message_too_large", f"a watch request takes at most {MAX_WATCH_CHARS} characters of text")
-        source.put(text)
+        text.queue.put(chunk)
     if done:
-        source.put(_DONE)
+        text.queue.put(_DONE)
 
 
-def _texts(job: Job) -> Iterator[str]:
+def _texts(job: Job, text: _WatchText) -> Iterator[str]:
     """The client's text as it arrives, until done or the job is stopped."""
-    source: queue.SimpleQueue = job.text  # type: ignore[attr-defined]
     while True:
         if job.stop_reason is not None:
             return
         try:
-            item = source.get(timeout=0.1)
+            item = text.queue.get(timeout=0.1)
         except queue.Empty:
             continue
         if item is _DONE:
@@ -110,22 +105,22 @@ class _WatchStream(WrappedStream):
         return self.job.stop_reason or self.inner.finish_reason
 
 
-def _run_watch(job: Job, server: "LiveppServer", loaded: Any, prompt: str | None, chat: bool, policies: list[Any],
-               steps: str | None, sink: OutboxSink) -> None:
+def _run_watch(job: Job, sink: OutboxSink, session: SessionHandle, loaded: Any, request: WatchRequest, policies: list[Any],
+               text: _WatchText) -> None:
     from livepp.engines.torch.proxy import BufferedText, ProxyStream
 
     try:
         # Read ahead: text that arrives while a pass runs is scored together in the next.
-        stream = _WatchStream(ProxyStream(loaded, BufferedText(_texts(job)), GenerationParams(top_logprobs=5), prompt=prompt,
-                                          chat=chat), job)
+        stream = _WatchStream(ProxyStream(loaded, BufferedText(_texts(job, text)), GenerationParams(top_logprobs=5),
+                                          prompt=request.prompt, chat=request.chat), job)
     except LiveppError as exc:
         job.final.append({"type": "error", "id": job.id, "code": "bad_params", "message": one_line(exc)})
         return
-    metrics = server.metrics.sink(job.id, "watch", job.accepted_at)
-    monitor = Monitor(policies=policies, sinks=[sink, metrics], keep_events=False, steps=steps)
+    metrics = session.service.metrics.sink(job.id, "watch", job.accepted_at)
+    monitor = Monitor(policies=policies, sinks=[sink, metrics], keep_events=False, steps=request.steps)
     try:
         monitor.run(stream, model=loaded.name, params={"proxy": loaded.name, "window": 32}, engine="proxy")
     except Exception as exc:
         job.final.append({"type": "error", "id": job.id, "code": error_code(exc), "message": one_line(exc)})
     finally:
-        job.text.put(_DONE)  # type: ignore[attr-defined]  # a policy stop: the reader thread ends too
+        text.queue.put(_DONE)  # a policy stop: the reader thread ends too

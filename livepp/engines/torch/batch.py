@@ -29,7 +29,7 @@ from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import RowBatch
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "SteppedRows", "BatchStream", "BatchDecoder"]
+__all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "records_or_raise", "SteppedRows", "BatchStream", "BatchDecoder"]
 
 
 @dataclass(frozen=True)
@@ -79,23 +79,51 @@ def new_row(dec: Decoder, index: int, request: BatchRequest) -> Row:
     return Row(index, request, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(request.prompt_ids))
 
 
-def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list[TokenRecord]:
+def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list[TokenRecord | Exception]:
     """Each row's next token and statistics from its logits row (``logits[k]``
     for ``rows[k]``), with that row's own sampling parameters and generator,
-    brought back in one host sync. Marks rows that end."""
+    brought back in one host sync. Marks rows that end.
+
+    A row whose sampling or detokenization raises gets its exception in its
+    place (and is done, with finish "error"); the other rows are unaffected,
+    so one bad request never ends another's generation."""
+    out: list[TokenRecord | Exception | None] = [None] * len(rows)
+    packed: list[tuple[int, torch.Tensor]] = []
     with torch.inference_mode():
-        packed = [next_token_stats(logits[k], r.request.params, r.generator) for k, r in enumerate(rows)]
-        flat = torch.cat(packed).tolist()
-    records, offset = [], 0
-    for r, t in zip(rows, packed):
-        r.stats = stats = unpack_stats(flat[offset : offset + t.numel()])
+        for k, r in enumerate(rows):
+            try:
+                packed.append((k, next_token_stats(logits[k], r.request.params, r.generator)))
+            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its consumer
+                out[k] = _failed(r, exc)
+        flat = torch.cat([t for _, t in packed]).tolist() if packed else []
+    offset = 0
+    for k, t in packed:
+        r = rows[k]
+        try:
+            r.stats = stats = unpack_stats(flat[offset : offset + t.numel()])
+            text, finish = r.text.add(stats.token_id)
+            if finish is not None:
+                r.done, r.finish = True, finish
+            r.last_token = stats.token_id
+            out[k] = token_record(stats, text, finish, dec._alternatives(stats.top))
+        except Exception as exc:  # noqa: BLE001
+            out[k] = _failed(r, exc)
         offset += t.numel()
-        text, finish = r.text.add(stats.token_id)
-        if finish is not None:
-            r.done, r.finish = True, finish
-        r.last_token = stats.token_id
-        records.append(token_record(stats, text, finish, dec._alternatives(stats.top)))
-    return records
+    return out  # type: ignore[return-value]
+
+
+def _failed(row: Row, exc: Exception) -> Exception:
+    row.done, row.finish = True, "error"
+    return exc
+
+
+def records_or_raise(records: Sequence[TokenRecord | Exception]) -> list[TokenRecord]:
+    """The records of a batch that fails as a whole when one row fails (a
+    batch stream read by one consumer)."""
+    for record in records:
+        if isinstance(record, Exception):
+            raise record
+    return list(records)  # type: ignore[arg-type]
 
 
 class SteppedRows(RowBatch):
@@ -144,7 +172,7 @@ class BatchStream(SteppedRows):
         self.forward_passes += 1
         active = rows
         while active:
-            yield from self._emit(active, sample_rows(dec, active, logits))
+            yield from self._emit(active, records_or_raise(sample_rows(dec, active, logits)))
             self._apply_stops(rows)
             keep = [k for k, r in enumerate(active) if not r.done]
             if not keep:

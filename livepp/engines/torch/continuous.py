@@ -30,9 +30,6 @@ class TorchBackend:
         self._mask: torch.Tensor | None = None
         self._pending: tuple[Any, torch.Tensor] | None = None
 
-    def encode(self, prompt: Any, *, raw: bool) -> list[int]:
-        return self.decoder.encode(prompt, raw=raw)
-
     def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Callable[[], Any]]:
         """Callables, one per forward pass; the last returns the rows' next-token logits."""
         prompts = [r.request.prompt_ids for r in rows]
