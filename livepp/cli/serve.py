@@ -37,9 +37,11 @@ __all__ = ["serve_cmd"]
               help="A longer prompt is prefilled this many tokens at a time, so running requests wait at most one chunk.")
 @click.option("--policy", "policy_specs", multiple=True, metavar="SPEC",
               help="A policy every request runs (repeatable), besides its own, e.g. 'early-stop:threshold=8,metric=window_ppl'.")
+@click.option("--send-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="SECONDS",
+              help="A client that takes nothing for this long while output waits for it is disconnected and its requests cancelled.")
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
-              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, engine_kind, device, dtype) -> None:
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, send_timeout, engine_kind, device, dtype) -> None:
     """Serve the live page at / , the websocket API at /ws, the
     OpenAI-compatible API at /v1 and /healthz. With --remote, a monitoring
     gateway: /v1 requests go on to that engine, each one monitored, stoppable
@@ -54,9 +56,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
     from livepp.cli.common import fail as _fail
 
     try:
-        from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
-
-        from livepp.serve.app import LOOPBACK_HOSTS
+        from livepp.serve.app import LOOPBACK_HOSTS, LiveppServer, ServerConfig, serve_forever
 
         if host.lower() not in LOOPBACK_HOSTS:
             if token is None:
@@ -79,7 +79,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
                               max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
                               allowed_hosts=tuple(allowed_hosts), calibration=calibration, max_batch=max_batch, max_queue=max_queue,
                               prefill_chunk=prefill_chunk, max_running_jobs=max(32, max_batch + max_queue),
-                              default_policies=tuple(policy_specs))
+                              default_policies=tuple(policy_specs), send_timeout=send_timeout)
         server = LiveppServer(engine, config)
         batching = f"continuous batching of up to {max_batch}, queue {max_queue}" if server.scheduler is not None else "one request step at a time"
 

@@ -61,12 +61,16 @@ def _param(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
+_OWN_ERRORS = {"lone_surrogate", "bad_policy", "bad_steps", "unsupported", "empty_stop"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function", "tagged", "union", "literal"}
 
 
 def _validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "bad request", "type": ""}
+    # In a union (a string or a list of strings) pydantic reports every branch:
+    # livepp's own checks say what is wrong better than "not a string".
+    ours = [e for e in errors if e.get("type") in _OWN_ERRORS]
+    first = (ours or errors or [{"loc": (), "msg": "bad request", "type": ""}])[0]
     if first.get("type") == "json_invalid":
         why = (first.get("ctx") or {}).get("error", "")
         return OpenAIError(400, f"the body is not valid JSON: {why}".rstrip(": "))

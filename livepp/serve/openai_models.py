@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
 from livepp.core.params import LiveppError
@@ -81,7 +81,7 @@ class LiveppOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     policies: list[Annotated[Text, AfterValidator(_policy)]] = Field(
         default_factory=list, description="Policy specs, e.g. 'early-stop:threshold=8,metric=window_ppl'.")
-    window: int = Field(32, ge=1, le=4096, description="Tokens in the window PPL.")
+    window: StrictInt = Field(32, ge=1, le=4096, description="Tokens in the window PPL.")
     steps: Annotated[Union[StrictBool, Text, None], AfterValidator(_step_regex)] = Field(
         None, description="true: cut the reply into reasoning steps; a string: the regex a step ends after.")
 
@@ -109,18 +109,18 @@ class _Sampling(_Body):
     """What both endpoints share."""
 
     model: Text
-    temperature: Union[float, None] = Field(None, ge=0, description="0 (or below 1e-5) is greedy; default 1.")
-    top_p: Union[float, None] = Field(None, gt=0, le=1)
-    top_k: Union[int, None] = Field(None, ge=-1, description="An extension (vLLM, llama.cpp); 0 or -1: off.")
-    min_p: Union[float, None] = Field(None, ge=0, lt=1, description="An extension (vLLM, llama.cpp).")
-    seed: Union[int, None] = Field(None, ge=0, lt=2**63)
-    n: Union[int, None] = Field(None, ge=1)
+    temperature: Union[StrictFloat, None] = Field(None, ge=0, description="0 (or below 1e-5) is greedy; default 1.")
+    top_p: Union[StrictFloat, None] = Field(None, gt=0, le=1)
+    top_k: Union[StrictInt, None] = Field(None, ge=-1, description="An extension (vLLM, llama.cpp); 0 or -1: off.")
+    min_p: Union[StrictFloat, None] = Field(None, ge=0, lt=1, description="An extension (vLLM, llama.cpp).")
+    seed: Union[StrictInt, None] = Field(None, ge=0, lt=2**63)
+    n: Union[StrictInt, None] = Field(None, ge=1)
     stop: Union[Text, list[Text], None] = None
     stream: Union[StrictBool, None] = None
     stream_options: Union[_StreamOptions, None] = None
-    presence_penalty: Annotated[Union[float, None], AfterValidator(_zero)] = None
-    frequency_penalty: Annotated[Union[float, None], AfterValidator(_zero)] = None
-    logit_bias: Annotated[Union[dict[str, float], None], _refused("logit_bias is not supported")] = None
+    presence_penalty: Annotated[Union[StrictFloat, None], AfterValidator(_zero)] = None
+    frequency_penalty: Annotated[Union[StrictFloat, None], AfterValidator(_zero)] = None
+    logit_bias: Annotated[Union[dict[str, Any], None], _refused("logit_bias is not supported")] = None
     user: Union[Text, None] = None
     livepp: Union[LiveppOptions, None] = None
 
@@ -137,10 +137,10 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Union[int, None] = Field(None, ge=1)
-    max_completion_tokens: Union[int, None] = Field(None, ge=1)
+    max_tokens: Union[StrictInt, None] = Field(None, ge=1)
+    max_completion_tokens: Union[StrictInt, None] = Field(None, ge=1)
     logprobs: Union[StrictBool, None] = None
-    top_logprobs: Union[int, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Union[_ResponseFormat, None] = None
     tools: Annotated[Any, _refused("tools are not supported")] = None
     tool_choice: Annotated[Any, _refused("tools are not supported")] = None
@@ -154,10 +154,10 @@ class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
     prompt: Union[Text, list[Text]]
-    max_tokens: Union[int, None] = Field(None, ge=1)
-    logprobs: Union[int, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token (0: only the token's own).")
+    max_tokens: Union[StrictInt, None] = Field(None, ge=1)
+    logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token (0: only the token's own).")
     echo: Annotated[Union[StrictBool, None], _refused("echo is not supported")] = None
-    best_of: Union[int, None] = Field(None, ge=1, le=1, description="Only 1.")
+    best_of: Union[StrictInt, None] = Field(None, ge=1, le=1, description="Only 1.")
     suffix: Annotated[Any, _refused("suffix is not supported")] = None
 
 
