@@ -9,6 +9,7 @@ ends production. Nothing here imports torch.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Iterator, Sequence
 
 from livepp.core.events import TokenRecord, TopLogprob
@@ -20,7 +21,9 @@ Script = list[tuple[str, float]]
 
 
 class ScriptedStream(RecordStream):
-    def __init__(self, engine: "ScriptedEngine", script: Script, params: GenerationParams, prompt_ids: tuple[int, ...]) -> None:
+    def __init__(self, engine: "ScriptedEngine", script: Script, params: GenerationParams, prompt_ids: tuple[int, ...],
+                 delay: float = 0.0) -> None:
+        self.delay = delay
         self.engine = engine
         self.closed = False
         cut = script[: params.max_new_tokens]
@@ -32,6 +35,8 @@ class ScriptedStream(RecordStream):
 
     def _records(self, script: Script, *, ended_by_eos: bool) -> Iterator[TokenRecord]:
         for i, (text, lp) in enumerate(script):
+            if self.delay:
+                time.sleep(self.delay)  # a model's pace
             self.engine.produced += 1
             last = i == len(script) - 1
             finish = ("eos" if ended_by_eos else "length") if last else None
@@ -41,11 +46,12 @@ class ScriptedStream(RecordStream):
 
 class ScriptedEngine:
     """``scripts``: prompt text (the last message's content for chat
-    messages) → a script, or a list of scripts chosen by ``seed % len``."""
+    messages) → a script, or a list of scripts chosen by ``seed % len``;
+    ``delays``: prompt text → seconds per token (a model's pace)."""
 
     def __init__(self, scripts: dict[str, Script | list[Script]], *, name: str = "scripted", serial: bool = True,
-                 default: Script | None = None) -> None:
-        self.scripts, self.name, self.serial, self.default = scripts, name, serial, default
+                 default: Script | None = None, delays: dict[str, float] | None = None) -> None:
+        self.scripts, self.name, self.serial, self.default, self.delays = scripts, name, serial, default, delays or {}
         self.kind = "scripted"
         self.produced = 0
         self.opened: list[tuple[Prompt, GenerationParams]] = []
@@ -64,7 +70,7 @@ class ScriptedEngine:
         check_prompt(prompt)
         self.opened.append((prompt, params))
         text = prompt if isinstance(prompt, str) else chat_messages(prompt)[-1]["content"]
-        stream = ScriptedStream(self, self.script_for(prompt, params), params, tuple(ord(c) for c in text[:8]))
+        stream = ScriptedStream(self, self.script_for(prompt, params), params, tuple(ord(c) for c in text[:8]), self.delays.get(text, 0.0))
         self.streams.append(stream)
         return stream
 

@@ -127,7 +127,7 @@ class OpenAIApi:
 
         # The slot is freed (release) when the generation ends, not when the client has read it.
         service.run_job(job, work, on_end=lambda: None)
-        answer = _Answer(req, job, events)
+        answer = _Answer(service, req, job, events)
         watcher = loop.create_task(_stop_on_disconnect(request, job))
         try:
             response = await answer.head()
@@ -184,8 +184,8 @@ class _Answer:
     stream of server-sent events that starts with the first token (so a
     request refused before any token gets an HTTP error, not a broken stream)."""
 
-    def __init__(self, req: ParsedRequest, job: Job, events: asyncio.Queue) -> None:
-        self.req, self.job, self.events = req, job, events
+    def __init__(self, service: "Service", req: ParsedRequest, job: Job, events: asyncio.Queue) -> None:
+        self.service, self.req, self.job, self.events = service, req, job, events
         self.builders = [ChoiceBuilder(i, req) for i in range(req.rows)]
         self.head_fields = envelope(req, job.id, now(), chunk=req.stream)
         self.pending: list[bytes] = []  # chunks before the stream starts
@@ -230,6 +230,7 @@ class _Answer:
         return error_response(error, headers)
 
     async def _stream(self) -> AsyncIterator[bytes]:
+        self.service.streaming += 1
         try:
             if self.req.kind == "chat":
                 for b in self.builders:
@@ -254,4 +255,5 @@ class _Answer:
                 yield self._chunk({"choices": [], "usage": usage(self.builders, self.req.n)})
             yield b"data: [DONE]\n\n"
         finally:
+            self.service.streaming -= 1
             self.job.stop("cancelled")  # the client left mid-stream: stop before the next forward pass (a no-op after the end)

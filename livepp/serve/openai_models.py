@@ -116,6 +116,7 @@ class _Sampling(_Body):
     seed: Union[StrictInt, None] = Field(None, ge=0, lt=2**63)
     n: Union[StrictInt, None] = Field(None, ge=1)
     stop: Union[Text, list[Text], None] = None
+    ignore_eos: Union[StrictBool, None] = Field(None, description="An extension (vLLM): generate past end-of-sequence.")
     stream: Union[StrictBool, None] = None
     stream_options: Union[_StreamOptions, None] = None
     presence_penalty: Annotated[Union[StrictFloat, None], AfterValidator(_zero)] = None

@@ -127,6 +127,7 @@ def parse_request(kind: str, body: ChatCompletionRequest | CompletionRequest, *,
             min_p=body.min_p or 0.0,
             seed=body.seed,
             stop=tuple(stop),
+            ignore_eos=bool(body.ignore_eos),
             top_logprobs=top_logprobs,
             raw=kind == "completions",
         )

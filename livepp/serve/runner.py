@@ -8,10 +8,11 @@ service adds on top:
   buffered output freed; the generation itself never waits for a client;
 * shutdown (Ctrl-C, SIGTERM or ``stop``): running requests end with reason
   "shutdown", their last messages get up to ``shutdown_grace`` seconds to
-  reach clients that read, connections that cannot take them are dropped,
-  and uvicorn closes the rest: the process is out within about
-  ``shutdown_grace`` + 1 s whatever its clients do (Python 3.12's
-  ``Server.wait_closed`` waits for every open connection: none is left).
+  reach clients that read (a connection whose writes stay paused for a second
+  is dropped), then uvicorn closes the rest within a second: the process is
+  out within ``shutdown_grace`` + about 1.5 s whatever its clients do
+  (Python 3.12's ``Server.wait_closed`` waits for every open connection:
+  none is left).
 """
 
 from __future__ import annotations
@@ -133,6 +134,25 @@ class _Uvicorn:
         return Server(config)
 
 
+async def _shut_down(server: Service, paused: set[Any]) -> None:
+    """Stop every request; give their last messages up to ``shutdown_grace``
+    to reach clients that read; drop the connections that do not (paused
+    for a second, or still busy at the end)."""
+    loop = asyncio.get_running_loop()
+    grace = server.config.shutdown_grace
+    started = loop.time()
+    await server.stop_jobs()
+    stalled_since: dict[Any, float] = {}
+    while loop.time() < started + grace and (server.streaming or any(len(s.outbox) for s in list(server.sessions))):
+        now = loop.time()
+        for connection in list(paused):
+            if now - stalled_since.setdefault(connection, now) >= min(1.0, grace):
+                connection.transport.abort()  # it reads nothing: its last messages cannot reach it
+        await asyncio.sleep(0.02)
+    for connection in list(paused):
+        connection.transport.abort()
+
+
 def _listen(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
@@ -174,7 +194,8 @@ async def serve_forever(
         # Frames above ws_max_size close the connection at the protocol level; the
         # smaller max_message_bytes is checked per message with an error event.
         ws_max_size=max(1 << 20, 4 * config.max_message_bytes), ws_per_message_deflate=False,
-        timeout_keep_alive=5, timeout_graceful_shutdown=max(1, round(config.shutdown_grace)),
+        # livepp's own shutdown (below) has let every answer that can end end: uvicorn waits 1 s more at most.
+        timeout_keep_alive=5, timeout_graceful_shutdown=1,
         limit_concurrency=2 * config.max_connections + config.max_running_jobs,
     ))
     serving = asyncio.create_task(uv.serve(sockets=[sock]))
@@ -189,13 +210,7 @@ async def serve_forever(
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
-        await server.stop_jobs()
-        # The last messages go to clients that read; the others are dropped.
-        deadline = loop.time() + config.shutdown_grace
-        while loop.time() < deadline and any(len(s.outbox) for s in list(server.sessions)):
-            await asyncio.sleep(0.01)
-        for connection in list(paused):
-            connection.transport.abort()
+        await _shut_down(server, paused)
         uv.should_exit = True
         await serving
     finally:

@@ -101,6 +101,7 @@ class Service:
         self.runner = ModelRunner()
         self.jobs: set[Job] = set()
         self.sessions: set[Any] = set()  # open websocket sessions
+        self.streaming = 0  # /v1 answers being streamed now
         self.workers = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="livepp-job")
         self.shutting_down = False
 

@@ -1,0 +1,124 @@
+"""Clients that read slowly or not at all: their slots are freed when their
+generations end, their connections are dropped after the send timeout, and
+they never hold up anyone else's stream."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+from websockets.sync.client import connect
+
+from scripted_engine import ScriptedEngine
+from test_server import RunningServer, events_until_end, send
+
+BIG = [("x" * 4000, -1.0)] * 2000  # 8 MB of text per answer: more than any socket buffer holds
+SEND_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = RunningServer(ScriptedEngine({"big": BIG}, default=[("ok", -0.5)]), max_running_jobs=8, max_new_tokens_cap=4000,
+                      send_timeout=SEND_TIMEOUT)
+    yield s
+    s.stop()
+
+
+def stalled_request(port: int, body: dict) -> socket.socket:
+    """A client with a small receive buffer that sends a request and reads nothing."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    out = b""
+    try:
+        while chunk := s.recv(1 << 16):
+            out += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    s.close()
+    return out
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_clients_that_stop_reading_free_their_slots_and_are_dropped_after_the_send_timeout(server):
+    stalled = [stalled_request(server.port, {"model": "scripted", "prompt": "big", "max_tokens": 2000, "stream": i % 2 == 0})
+               for i in range(8)]
+    # Every generation ends although nobody reads: the slots are free...
+    assert wait_for(lambda: server.server.engine.produced >= 8 * 2000 and not server.server.jobs, 60), len(server.server.jobs)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=30)
+    assert client.completions.create(model="scripted", prompt="hello", max_tokens=1).choices[0].text == "ok"  # ...a new request is admitted
+    time.sleep(SEND_TIMEOUT + 2)
+    for i, s in enumerate(stalled):
+        got = read_all(s)  # what the kernel buffered before the server dropped the connection
+        assert b"200 OK" in got[:100]
+        assert b"[DONE]" not in got and len(got) < 2000 * 4000, (i, len(got))
+
+
+def test_a_websocket_client_that_stops_reading_is_dropped(server):
+    ws = connect(server.url, max_size=None)
+    ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    send(ws, type="generate", id="w", prompt="big", params={"max_new_tokens": 2000})
+    assert wait_for(lambda: len(server.server.sessions) == 1, 10)
+    # The generation ends (its slot is free) though the client reads nothing...
+    assert wait_for(lambda: not server.server.jobs, 60)
+    # ...and the connection is dropped once the client has taken nothing for the send timeout.
+    assert wait_for(lambda: len(server.server.sessions) == 0, SEND_TIMEOUT + 10)
+    ws.close()
+    with connect(server.url) as other:  # the server is fine
+        send(other, type="generate", id="n", prompt="hello", params={"max_new_tokens": 1})
+        assert events_until_end(other, "n")[-1]["type"] == "end"
+
+
+@pytest.mark.model
+def test_a_stream_keeps_its_pace_while_others_post_huge_prompts(decoder):
+    s = RunningServer(decoder, max_batch=8)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0, timeout=300)
+        refused: list = []
+
+        def post(text: str) -> None:
+            try:
+                client.completions.create(model="SmolLM2-135M-Instruct", prompt=text, max_tokens=1)
+            except openai.BadRequestError as exc:
+                refused.append(exc.body["code"])
+
+        arrivals = []
+        stream = client.completions.create(model="SmolLM2-135M-Instruct", prompt="Write a long story about the sea.", max_tokens=60,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        posters = []
+        for chunk in stream:
+            arrivals.append(time.perf_counter())
+            if len(arrivals) == 10:
+                # 1 MB prompts (refused untokenized) and 300 kB ones (tokenized, then too long), all at once
+                posters = [threading.Thread(target=post, args=(("word " * 200_000)[: 1_000_000 if i < 4 else 300_000],)) for i in range(6)]
+                for t in posters:
+                    t.start()
+        for t in posters:
+            t.join(120)
+    finally:
+        s.stop()
+    gaps = sorted(b - a for a, b in zip(arrivals[1:], arrivals[2:]))  # after the first token (its prefill)
+    median, largest = gaps[len(gaps) // 2], gaps[-1]
+    print(f"inter-token gap: median {median * 1000:.1f} ms, largest {largest * 1000:.1f} ms ({largest / median:.2f}x)")
+    assert sorted(refused) == ["context_length_exceeded"] * 6
+    assert largest <= 3 * median
