@@ -1,6 +1,6 @@
 """What the livepp gateway adds to each streamed token, from one run.
 
-    python benchmarks/gateway.py [--tokens 128] [--repeats 5]
+    python benchmarks/gateway.py [--tokens 128] [--repeats 5] [--baseline DIR]
 
 Starts llama.cpp's OpenAI-compatible server (llama-cpp-python[server]) with
 the embedded GGUF file, and `livepp serve --remote` in front of it in its own
@@ -11,7 +11,9 @@ process. The official `openai` SDK streams the same greedy chat request:
 * through the gateway (the client asks for no logprobs; the gateway still
   monitors every token: tracker, an early-stop policy that never fires,
   livepp statistics in every chunk);
-* direct without logprobs, for context (what the upstream costs without them).
+* direct without logprobs, for context (what the upstream costs without them);
+* with ``--baseline DIR`` (another livepp checkout, e.g. a git worktree of
+  an older commit), through that checkout's gateway too.
 
 Runs are interleaved; each figure is the median over the repeats. Printed
 per setup: client-side decode tokens/s (first to last token), the token
@@ -45,10 +47,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def start_gateway(url: str) -> tuple[subprocess.Popen, int]:
+def start_gateway(url: str, checkout: Path) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-c", "from livepp.cli.main import main; main()", "serve", "--port", "0",
                              "--remote", url, "--remote-model", MODEL_ALIAS, "--policy", "early-stop:threshold=1e9,metric=window_ppl"],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": str(checkout)}, cwd=checkout)
     found: list[int] = []
 
     def read() -> None:
@@ -89,27 +91,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, metavar="DIR", help="Another livepp checkout whose gateway runs beside this one's.")
     args = ap.parse_args()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "livepp-bench-llama.log"
     with llama_server(log) as url:
         upstream_pid = int(subprocess.check_output(["pgrep", "-n", "-f", "llama_cpp.server"]).strip())
-        gateway, port = start_gateway(url)
+        gateway, port = start_gateway(url, Path(__file__).resolve().parent.parent)
+        gateways = [gateway]
         try:
             direct = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
             through = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
             pids = {"gateway": gateway.pid, "upstream": upstream_pid}
-            run(direct, 8, True, pids)  # warm both paths up
-            run(through, 8, False, pids)
-            results: dict[str, list[dict[str, float]]] = {"direct, logprobs top 20 (baseline)": [], "through the livepp gateway": [],
-                                                          "direct, no logprobs": []}
+            paths = {"direct, logprobs top 20 (baseline)": (direct, True, pids), "through the livepp gateway": (through, False, pids)}
+            if args.baseline is not None:
+                old, old_port = start_gateway(url, args.baseline.resolve())
+                gateways.append(old)
+                old_client = openai.OpenAI(base_url=f"http://127.0.0.1:{old_port}/v1", api_key="unused", max_retries=0, timeout=600)
+                paths["through the baseline checkout's gateway"] = (old_client, False, {"gateway": old.pid, "upstream": upstream_pid})
+            paths["direct, no logprobs"] = (direct, False, pids)
+            for client, logprobs, p in paths.values():
+                run(client, 8, logprobs, p)  # warm every path up
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
             for r in range(args.repeats):
-                results["direct, logprobs top 20 (baseline)"].append(run(direct, args.tokens, True, pids))
-                results["through the livepp gateway"].append(run(through, args.tokens, False, pids))
-                results["direct, no logprobs"].append(run(direct, args.tokens, False, pids))
+                for name, (client, logprobs, p) in paths.items():
+                    results[name].append(run(client, args.tokens, logprobs, p))
                 print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
         finally:
-            gateway.terminate()
-            gateway.wait(30)
+            for g in gateways:
+                g.terminate()
+                g.wait(30)
 
     def med(rows: list[dict[str, float]], key: str) -> float:
         return statistics.median(row[key] for row in rows)
@@ -126,6 +136,11 @@ def main() -> None:
     print(f"\nthe gateway adds {100 * statistics.median(ratios):+.1f}% to each token's interval (median of per-repeat ratios; "
           f"ratio of medians {100 * (med(base, 'tps') / med(gate, 'tps') - 1):+.1f}%; target <= 3%)")
     print(f"gateway CPU per token: {med(gate, 'gateway_cpu') * 1e3:.3f} ms = {100 * med(gate, 'gateway_cpu') / interval:.1f}% of the direct interval")
+    old_rows = results.get("through the baseline checkout's gateway")
+    if old_rows:
+        added = [b["tps"] / g["tps"] - 1 for b, g in zip(base, old_rows)]
+        print(f"the baseline checkout's gateway adds {100 * statistics.median(added):+.1f}% to each token's interval; its CPU per token "
+              f"{med(old_rows, 'gateway_cpu') * 1e3:.3f} ms (this checkout / baseline: {med(gate, 'gateway_cpu') / med(old_rows, 'gateway_cpu'):.2f}x)")
 
 
 if __name__ == "__main__":

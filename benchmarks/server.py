@@ -1,33 +1,41 @@
 """Server latency and throughput against in-process batches, from one run.
 
-    python benchmarks/server.py [--tokens 32] [--clients 1,4,8] [--engine torch|llama.cpp]
+    python benchmarks/server.py [--tokens 32] [--clients 1,4,8] [--engine torch|llama.cpp] [--baseline DIR]
 
 For each N: the in-process baseline decodes N monitored requests as one
 batch (``stream_many``: no server, no websocket); then real `livepp serve`
-instances on ephemeral loopback ports get N websocket clients at once, each
+processes on ephemeral loopback ports get N websocket clients at once, each
 asking for the same number of greedy tokens: the continuous-batching server
 (``--max-batch 8``) and the one-step-at-a-time server (``--max-batch 1``, the
-FIFO runner). Printed: time to first token (median over requests) and
-aggregate tokens/s, with the ratio to the in-process batch of the same size
-and, for the batched server, to its own 1-client figure.
+FIFO runner). With ``--baseline DIR`` (another livepp checkout, e.g. a git
+worktree of an older commit) that checkout's continuous-batching server runs
+too, interleaved with this one. Printed: time to first token (median over
+requests) and aggregate tokens/s, with the ratio to the in-process batch of
+the same size, to the server's own 1-client figure and to the baseline
+checkout. Last, 100 small ``GET /v1/models`` requests on one keep-alive
+connection against a new connection each.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import http.client
 import json
+import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from websockets.sync.client import connect
 
 from livepp import Decoder, GenerationParams, load_model, stream_many
-from livepp.serve.app import LiveppServer, ServerConfig, serve_forever
 
 PROMPT = "Write a long story about a cat who learns to sail."
+HERE = Path(__file__).resolve().parent.parent
 
 
 def in_process(decoder: Any, clients: int, n: int) -> tuple[float, float]:
@@ -69,23 +77,48 @@ def run_clients(port: int, clients: int, n: int) -> tuple[float, float]:
 
 
 class Served:
-    """A real server in a thread, on an ephemeral port."""
+    """`livepp serve` of a checkout, in its own process, on an ephemeral port."""
 
-    def __init__(self, decoder: Any, max_batch: int) -> None:
-        self.server = LiveppServer(decoder, ServerConfig(port=0, max_batch=max_batch, max_queue=16))
-        ready = threading.Event()
+    def __init__(self, checkout: Path, *args: str) -> None:
+        env = os.environ | {"PYTHONPATH": str(checkout)}
+        self.proc = subprocess.Popen([sys.executable, "-m", "livepp", "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True,
+                                     env=env, cwd=checkout)
+        found: list[int] = []
 
-        async def serve() -> None:
-            self.loop, self.stop_event = asyncio.get_running_loop(), asyncio.Event()
-            await serve_forever(self.server, ready=lambda p: (setattr(self, "port", p), ready.set()), stop=self.stop_event)
+        def read() -> None:
+            for line in self.proc.stderr:  # type: ignore[union-attr]
+                if "serving" in line and not found:
+                    found.append(int(line.split(" on http://127.0.0.1:")[-1].split("/")[0]))
 
-        self.thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-        self.thread.start()
-        ready.wait(60)
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.time() + 180
+        while not found:
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"livepp serve of {checkout} did not start")
+            time.sleep(0.1)
+        self.port = found[0]
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(30)
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def small_requests(port: int, n: int = 100) -> tuple[float, float]:
+    """Seconds for n GET /v1/models on one connection, and on a new connection each."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    t = time.perf_counter()
+    for _ in range(n):
+        conn.request("GET", "/v1/models")
+        conn.getresponse().read()  # http.client reconnects by itself if the server closed
+    one = time.perf_counter() - t
+    conn.close()
+    t = time.perf_counter()
+    for _ in range(n):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        c.request("GET", "/v1/models", headers={"Connection": "close"})
+        c.getresponse().read()
+        c.close()
+    return one, time.perf_counter() - t
 
 
 def main() -> None:
@@ -93,32 +126,49 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
+    ap.add_argument("--baseline", type=Path, metavar="DIR", help="Another livepp checkout whose server runs beside this one's.")
     args = ap.parse_args()
     if args.engine == "llama.cpp":
         from livepp.engines.llamacpp import LlamaCppEngine
 
-        # A served llama.cpp engine belongs to its server's scheduler: one each.
-        decoder, for_batched, for_fifo = LlamaCppEngine(), LlamaCppEngine(), LlamaCppEngine()
+        decoder: Any = LlamaCppEngine()
     else:
-        decoder = for_batched = for_fifo = Decoder(load_model())
+        decoder = Decoder(load_model())
+    engine = ["--engine", args.engine]
     in_process(decoder, 2, 4)  # warm-up
-    batched, fifo = Served(for_batched, 8), Served(for_fifo, 1)
-    run_clients(batched.port, 2, 4)  # warm-up
-
-    print(f"{args.tokens} greedy tokens per request, embedded model on the {args.engine} engine, loopback, full monitoring everywhere\n")
-    print(f"  {'setup':<34} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process batch':>20} {'vs 1 client':>12}")
-    one: tuple[float, float] | None = None
-    for clients in [int(c) for c in args.clients.split(",")]:
-        b_ttft, b_tps = in_process(decoder, clients, args.tokens)
-        ttft, tps = run_clients(batched.port, clients, args.tokens)
-        f_ttft, f_tps = run_clients(fifo.port, clients, args.tokens)
-        one = one or (ttft, tps)
-        print(f"  {f'in-process batch of {clients}':<34} {b_ttft * 1000:>11.0f} ms {b_tps:>19.1f} {1.0:>19.2f}x {'':>12}")
-        print(f"  {f'server, continuous batch, {clients} cl.':<34} {ttft * 1000:>11.0f} ms {tps:>19.1f} {tps / b_tps:>19.2f}x "
-              f"{tps / one[1]:>11.2f}x  (TTFT {ttft / one[0]:.2f}x)")
-        print(f"  {f'server, --max-batch 1, {clients} cl.':<34} {f_ttft * 1000:>11.0f} ms {f_tps:>19.1f} {f_tps / b_tps:>19.2f}x {'':>12}")
-    batched.stop()
-    fifo.stop()
+    servers = {"server, continuous batch": Served(HERE, "--max-batch", "8", "--max-queue", "16", *engine),
+               "server, --max-batch 1": Served(HERE, "--max-batch", "1", *engine)}
+    if args.baseline is not None:
+        servers["baseline checkout, continuous batch"] = Served(args.baseline.resolve(), "--max-batch", "8", "--max-queue", "16", *engine)
+    try:
+        for s in servers.values():
+            run_clients(s.port, 2, 4)  # warm-up
+        print(f"{args.tokens} greedy tokens per request, embedded model on the {args.engine} engine, loopback, full monitoring everywhere"
+              + (f"; baseline: {args.baseline}" if args.baseline else "") + "\n")
+        print(f"  {'setup':<44} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process batch':>20} {'vs 1 client':>12} {'vs baseline':>12}")
+        ones: dict[str, tuple[float, float]] = {}
+        for clients in [int(c) for c in args.clients.split(",")]:
+            b_ttft, b_tps = in_process(decoder, clients, args.tokens)
+            print(f"  {f'in-process batch of {clients}':<44} {b_ttft * 1000:>11.0f} ms {b_tps:>19.1f} {1.0:>19.2f}x")
+            figures = {name: run_clients(s.port, clients, args.tokens) for name, s in servers.items()}
+            for name, (ttft, tps) in figures.items():
+                one = ones.setdefault(name, (ttft, tps))
+                versus = ""
+                if args.baseline is not None and not name.startswith("baseline") and name.endswith("continuous batch"):
+                    base_ttft, base_tps = figures["baseline checkout, continuous batch"]
+                    versus = f"{tps / base_tps:>11.2f}x  (TTFT {ttft / base_ttft:.2f}x)"
+                print(f"  {f'{name}, {clients} cl.':<44} {ttft * 1000:>11.0f} ms {tps:>19.1f} {tps / b_tps:>19.2f}x "
+                      f"{tps / one[1]:>11.2f}x {versus}")
+        print("\n  100 small GET /v1/models requests")
+        for name, s in servers.items():
+            if "max-batch 1" in name:
+                continue
+            keep, fresh = small_requests(s.port)
+            print(f"  {name:<44} one keep-alive connection {keep * 1000:7.1f} ms, a new connection each {fresh * 1000:7.1f} ms "
+                  f"({fresh / keep:.2f}x)")
+    finally:
+        for s in servers.values():
+            s.stop()
 
 
 if __name__ == "__main__":
