@@ -22,7 +22,7 @@ SCRIPT = [("Hello", -0.5), (" there", -1.0), (".", -0.25)]
 
 @pytest.fixture(scope="module")
 def server():
-    s = RunningServer(ScriptedEngine({}, default=SCRIPT), token=TOKEN, allowed_origins=("http://app.example",))
+    s = RunningServer(ScriptedEngine({"aaa": [("a", -0.1)] * 40}, default=SCRIPT), token=TOKEN, allowed_origins=("http://app.example",))
     yield s
     s.stop()
 
@@ -255,3 +255,20 @@ def test_a_crash_inside_a_websocket_request_ends_it_with_internal_and_keeps_the_
         monkeypatch.undo()
         send(ws, type="generate", id="x", prompt="hi", params={"max_new_tokens": 3})  # the id is free again
         assert events_until_end(ws, "x")[-1]["type"] == "end"
+
+
+def test_a_step_regex_that_backtracks_ends_its_own_request_only(server):
+    import time
+
+    with connect(f"{server.url}?token={TOKEN}") as ws:
+        started = time.perf_counter()
+        send(ws, type="generate", id="slow", prompt="aaa", steps="(a{1,5}){1,30}b", params={"max_new_tokens": 40})
+        send(ws, type="generate", id="fine", prompt="hi", params={"max_new_tokens": 3})
+        events: dict[str, list] = {"slow": [], "fine": []}
+        while not (events["fine"] and events["fine"][-1]["type"] == "end" and events["slow"] and events["slow"][-1]["type"] == "error"):
+            e = json.loads(ws.recv(timeout=30))
+            if e["type"] in ("end", "error"):
+                events[e["id"]].append(e)
+        assert time.perf_counter() - started < 5
+    assert events["fine"][-1]["type"] == "end" and events["fine"][-1]["reason"] == "eos"
+    assert any(e["type"] == "error" and "backtracks" in e["message"] for e in events["slow"])

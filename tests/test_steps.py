@@ -123,3 +123,17 @@ def test_generate_steps_and_step_policy_live_equal_replay(decoder, tmp_path):
         assert end["reason"] == "length"
     else:
         assert end["reason"] == "policy" and end["n_tokens"] == replayed + 1
+
+
+def test_a_step_regex_that_backtracks_gives_up_in_time():
+    import time
+
+    from livepp.core.params import LiveppError
+    from livepp.core.steps import MATCH_TIMEOUT_S, StepSegmenter
+
+    segmenter = StepSegmenter("(a{1,5}){1,30}b")
+    started = time.perf_counter()
+    with pytest.raises(LiveppError, match="backtracks"):
+        for i in range(60):
+            segmenter.add(i, "a", -1.0, None, None)
+    assert time.perf_counter() - started < 20 * MATCH_TIMEOUT_S

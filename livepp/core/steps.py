@@ -7,7 +7,10 @@ ends). A token belongs to the step in which its text starts; the token whose
 text holds the boundary ends its step. A boundary of the default rule that
 needs the next line's start ("\\nStep 2") is seen a few tokens late, and the
 step it ends is then reported with the token range it really had. The last
-step ends with the generation. Each step gets the PPL of its own tokens
+step ends with the generation. A step regex may come from a service's
+client: it is matched with the ``regex`` module, which lets other threads run
+meanwhile and gives up after ``MATCH_TIMEOUT_S`` (a regex that backtracks
+exponentially ends its own request, not the service). Each step gets the PPL of its own tokens
 (non-finite logprobs count as infinite NLL, as in the tracker), their mean
 entropy and their lowest confidence.
 """
@@ -15,13 +18,16 @@ entropy and their lowest confidence.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
+
+import regex
 
 from livepp.core.events import StepEvent
 from livepp.core.params import LiveppError
 
-__all__ = ["DEFAULT_STEP_REGEX", "StepSegmenter", "step_rule"]
+__all__ = ["DEFAULT_STEP_REGEX", "StepSegmenter", "step_rule", "MATCH_TIMEOUT_S"]
+
+MATCH_TIMEOUT_S = 0.1  # for one token's search of its step's text
 
 DEFAULT_STEP_REGEX = r"\n[ \t]*\n|\n(?=[ \t]*(?:Step\s*\d+\b|\d+[.)]\s))"
 
@@ -45,8 +51,8 @@ class StepSegmenter:
 
     def __post_init__(self) -> None:
         try:
-            self._pattern = re.compile(self.step_regex)
-        except re.error as exc:
+            self._pattern = regex.compile(self.step_regex, flags=regex.VERSION0)  # re's syntax
+        except regex.error as exc:
             raise LiveppError(f"--step-regex {self.step_regex!r} is not a regular expression: {exc}") from None
         if self._pattern.match(""):
             raise LiveppError(f"--step-regex {self.step_regex!r} matches the empty text; it would cut every token")
@@ -57,7 +63,11 @@ class StepSegmenter:
         self._text += text
         done = []
         while True:
-            m = next((m for m in self._pattern.finditer(self._text) if m.end() > 0), None)
+            try:
+                m = next((m for m in self._pattern.finditer(self._text, concurrent=True, timeout=MATCH_TIMEOUT_S) if m.end() > 0), None)
+            except TimeoutError:
+                raise LiveppError(f"the step regex {self.step_regex!r} took over {MATCH_TIMEOUT_S:g} s on a step of "
+                                  f"{len(self._text)} characters: it backtracks too much") from None
             # A boundary inside the first token's text does not end an empty step.
             if m is None or not self._tokens:
                 return done
