@@ -272,3 +272,19 @@ def test_a_step_regex_that_backtracks_ends_its_own_request_only(server):
         assert time.perf_counter() - started < 5
     assert events["fine"][-1]["type"] == "end" and events["fine"][-1]["reason"] == "eos"
     assert any(e["type"] == "error" and "backtracks" in e["message"] for e in events["slow"])
+
+
+def test_a_request_trickled_in_is_dropped_after_the_request_timeout():
+    import time
+
+    s = RunningServer(ScriptedEngine({}, default=SCRIPT), request_timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as idle, \
+                socket.create_connection(("127.0.0.1", s.port), timeout=10) as slow:
+            slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # ...and the rest never comes
+            started = time.perf_counter()
+            assert slow.recv(100) == b"" and idle.recv(100) == b""  # both closed by the server
+            assert time.perf_counter() - started < 5
+        assert request(s.port, "GET", "/healthz")[0] == 200  # a prompt client is served
+    finally:
+        s.stop()

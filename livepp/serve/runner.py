@@ -2,7 +2,10 @@
 library's sans-I/O protocol for ``/ws``) on one port, with what a public
 service adds on top:
 
-* a head (request line and headers) of at most ``MAX_HEAD_BYTES``;
+* a head (request line and headers) of at most ``MAX_HEAD_BYTES``, and a
+  request (head and body) read within ``request_timeout`` seconds of its first
+  byte (or of the connection, for the first request): a client that trickles
+  its request cannot hold a connection slot;
 * a connection whose writes stay paused (its client reads nothing) for
   ``send_timeout`` seconds is dropped, so its requests are cancelled and its
   buffered output freed; the generation itself never waits for a client;
@@ -56,9 +59,10 @@ class _HeadTooLarge(Exception):
     pass
 
 
-def _protocols(send_timeout: float) -> tuple[type, type, set[Any]]:
+def _protocols(send_timeout: float, request_timeout: float) -> tuple[type, type, set[Any]]:
     """uvicorn's HTTP and websocket protocols with the stall guard (and the
-    head limit for HTTP); the set of connections whose writes are paused now."""
+    head limit and request timeout for HTTP); the set of connections whose
+    writes are paused now."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -94,10 +98,41 @@ def _protocols(send_timeout: float) -> tuple[type, type, set[Any]]:
 
     class Http(StallGuard, HttpToolsProtocol):  # type: ignore[misc]
         _head = 0
+        _reading: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._read_by_deadline()
 
         def on_message_begin(self) -> None:
             self._head = 0
+            self._read_by_deadline()
             super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            self._read_done()
+            super().on_message_complete()
+
+        def handle_websocket_upgrade(self) -> None:
+            self._read_done()
+            super().handle_websocket_upgrade()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._read_done()
+            super().connection_lost(exc)
+
+        def _read_by_deadline(self) -> None:
+            if self._reading is None:
+                self._reading = asyncio.get_running_loop().call_later(request_timeout, self._too_slow)
+
+        def _read_done(self) -> None:
+            if self._reading is not None:
+                self._reading.cancel()
+                self._reading = None
+
+        def _too_slow(self) -> None:
+            self._reading = None
+            self.transport.close()
 
         def on_url(self, url: bytes) -> None:
             self._grow(len(url))
@@ -187,7 +222,7 @@ async def serve_forever(
             loop.add_signal_handler(sig, interrupts)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported here
-    http, ws, paused = _protocols(config.send_timeout)
+    http, ws, paused = _protocols(config.send_timeout, config.request_timeout)
     sock = _listen(config.host, config.port)
     uv = _Uvicorn.make(uvicorn.Config(
         create_app(server), http=http, ws=ws, lifespan="off", log_level="warning", access_log=False,

@@ -68,6 +68,8 @@ class ServerConfig:
     # A client whose connection takes nothing for this long while output
     # waits for it is disconnected and its requests cancelled.
     send_timeout: float = 60.0
+    # A request (head and body) must arrive within this long of its first byte.
+    request_timeout: float = 30.0
     # Shutdown: running requests stop at once; their last messages get this
     # long to reach clients that read, then every connection is closed.
     shutdown_grace: float = 5.0
