@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 __all__ = [
     "TopLogprob",
     "TokenRecord",
+    "PositionScore",
     "StartEvent",
     "TokenEvent",
     "StepEvent",
@@ -41,6 +42,21 @@ class TopLogprob:
     token_id: int
     text: str
     logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class PositionScore:
+    """A given token's score at its position (teacher forcing: a prompt's
+    token, a scored text's): its raw logprob, its 1-based rank in the whole
+    vocabulary, the entropy of the distribution it was drawn from, and that
+    distribution's most likely tokens as (id, logprob), most likely first."""
+
+    position: int
+    token_id: int
+    logprob: float
+    rank: int
+    entropy: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

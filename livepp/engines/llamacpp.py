@@ -26,17 +26,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from livepp.core.events import TokenRecord, TopLogprob
+from livepp.core.events import PositionScore, TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
 from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, records_or_raise, sample_rows
 from livepp.engines.torch.decoder import alternatives, encode_prompt
+from livepp.engines.torch.sampling import position_scores
 
 __all__ = ["LlamaCppEngine", "LlamaContext", "LlamaBackend", "llama_cpp_available"]
 
@@ -315,6 +316,41 @@ class LlamaBackend:
 
         for i, (prompt, seq, start, end) in enumerate(work):
             yield (lambda a=(prompt, seq, start, end, i == len(work) - 1): run(*a))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llama.n_vocab)
+
+    def score_prefill(self, row: Row, chunk: int, on_scores: Callable[[list[PositionScore]], None]) -> Iterator[Any]:
+        """A prompt prefilled into a free sequence as ``livepp score`` does it
+        (``n_batch`` tokens per decode, or one with ``exact``, whatever the
+        service's chunk), its given tokens scored from
+        ``row.request.score.first`` on, a decode's logits at a time; the last
+        callable returns the next-token logits."""
+        ids, spec = row.request.prompt_ids, row.request.score
+        assert spec is not None
+        n = len(ids)
+        step = 1 if self.engine.exact else self.llama.n_batch
+        seq = -1
+
+        def wanted(k: int) -> bool:  # position k's logits: the distribution of the token at k + 1, or the next token's
+            return spec.first <= k + 1 <= n - 1 or k == n - 1
+
+        for start in range(0, n, step):
+            end = min(start + step, n)
+
+            def run(start: int = start, end: int = end) -> Any:
+                nonlocal seq
+                if seq < 0:
+                    seq = self._free.pop(0)
+                    self._pending = [seq]
+                out = self.llama.decode([(ids[k], k, seq, wanted(k)) for k in range(start, end)])
+                scored = [k for k in range(start, end) if spec.first <= k + 1 <= n - 1]
+                if scored:
+                    on_scores(position_scores(torch.stack(out[: len(scored)]), [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
+                return out[-1][None] if end == n else None
+
+            yield run
 
     def join(self, keep: list[int]) -> None:
         for k, seq in enumerate(self._pending):

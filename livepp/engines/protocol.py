@@ -14,12 +14,13 @@ streams are independent (a remote endpoint schedules its own requests).
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence, Union
 
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import BatchTokenStream, TokenStream
 
-__all__ = ["Prompt", "Engine", "check_prompt", "chat_messages"]
+__all__ = ["Prompt", "Engine", "ScoreSpec", "is_token_ids", "check_prompt", "chat_messages"]
 
 # A prompt is text (a user message for chat models, unless params.raw) or a
 # list of chat messages ({"role": ..., "content": ...}).
@@ -65,3 +66,18 @@ def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
     if not any(m["content"].strip() for m in out):
         raise LiveppError("the messages are all empty")
     return out
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """Score a row's prompt as it is prefilled: positions ``first`` onward,
+    each with ``top`` alternatives; then generate (``generate``) or stop."""
+
+    first: int = 1
+    top: int = 0
+    generate: bool = True
+
+
+def is_token_ids(prompt: Any) -> bool:
+    """A prompt given as token ids (scored and decoded as given: no template, no BOS added)."""
+    return isinstance(prompt, (list, tuple)) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)

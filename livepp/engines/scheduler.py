@@ -23,22 +23,21 @@ the rounding of padded kernels (the tests check ≤ 1e-4).
 
 from __future__ import annotations
 
-import copy
 import sys
 import threading
 import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from livepp.core.events import TokenRecord
+from livepp.core.events import PositionScore, TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
 from livepp.engines.protocol import Prompt
 from livepp.engines.select import local_kind, supports_continuous_batching
-from livepp.engines.prompt_size import longest_piece, refuse_oversized
+from livepp.engines.encoder import PromptEncoder
+from livepp.engines.protocol import ScoreSpec, is_token_ids
 from livepp.engines.torch.batch import Row, batch_requests, new_row, sample_rows
-from livepp.engines.torch.decoder import encode_prompt
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
 
@@ -63,7 +62,9 @@ class _Channel:
 
     def __init__(self) -> None:
         self.rows: list[_Slot] = []
-        self.pending: deque[tuple[int, TokenRecord]] = deque()
+        # (row, record), or (row, [PositionScore, ...]) for a scored prompt's chunk
+        self.pending: deque[tuple[int, Any]] = deque()
+        self.on_scores: Any = None  # the consumer's callback for scored chunks
         self.waiting = False
         self.aborted = False
         self.error: BaseException | None = None
@@ -101,12 +102,9 @@ class Scheduler:
         self.backend = backend_for(engine)
         self.name, self.kind = self.backend.name, self.backend.kind
         self.text = self.backend.text  # the text side rows are made and sampled with (the loop's own)
-        # Prompts are encoded by the threads that submit them, with a copy of
-        # the tokenizer under a lock of its own: a long prompt's tokenization
-        # never holds up the loop, which detokenizes with the original.
-        self._encoder = copy.deepcopy(self.text.tokenizer)
-        self._encoding = threading.Lock()
-        self.chars_per_token = longest_piece(self._encoder)
+        # Prompts are encoded by the threads that submit them (a copy of the
+        # tokenizer): a long prompt's tokenization never holds up the loop.
+        self.encoder = PromptEncoder(self.text.tokenizer, context_length=self.text.context_length, name=self.name)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         # An idle engine waits this long after the latest arrival (at most 5x
         # in all) before prefilling, so a burst of requests shares one prefill.
@@ -122,13 +120,23 @@ class Scheduler:
         self.forward_passes = 0
         self.steps = 0
         self.peak_batch = 0  # the most rows one decode step has run
+        self.largest_score_chunk = 0  # the most positions one scored chunk has held
 
     # ---- opening streams (any thread) -------------------------------------
-    def open(self, prompt: Prompt, params: GenerationParams) -> "ScheduledStream":
-        return ScheduledStream(self, self._submit([prompt], [params]))
+    def open(self, prompt: Prompt | Sequence[int], params: GenerationParams, *, score: ScoreSpec | None = None,
+             on_scores: Callable[[int, list[PositionScore]], None] | None = None) -> "ScheduledStream":
+        """A row; a prompt of token ids is taken as given. With ``score`` its
+        prompt is scored as it is prefilled, each chunk's scores handed to
+        ``on_scores(row, scores)`` on the consumer's thread, before its tokens."""
+        stream = ScheduledStream(self, self._submit([prompt], [params], [score], on_scores))
+        if score is not None and not score.generate:
+            stream.finish_reason = "length"  # scored, nothing to generate
+        return stream
 
-    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "ScheduledBatch":
-        return ScheduledBatch(self, self._submit(prompts, params))
+    def open_batch(self, prompts: Sequence[Prompt | Sequence[int]], params: Sequence[GenerationParams], *,
+                   scores: Sequence[ScoreSpec | None] | None = None,
+                   on_scores: Callable[[int, list[PositionScore]], None] | None = None) -> "ScheduledBatch":
+        return ScheduledBatch(self, self._submit(prompts, params, scores, on_scores))
 
     def status(self) -> dict[str, int]:
         """Rows prefilling or decoding, rows queued, rows in the batch (rows
@@ -148,12 +156,18 @@ class Scheduler:
             self._thread.join(30)
         self.backend.close()  # the engine is its own again
 
-    def _submit(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> _Channel:
+    def _submit(self, prompts: Sequence[Any], params: Sequence[GenerationParams], scores: Sequence[ScoreSpec | None] | None = None,
+                on_scores: Any = None) -> _Channel:
         channel = _Channel()
+        channel.on_scores = on_scores
         for prompt in prompts:
-            refuse_oversized(prompt, context_length=self.text.context_length, chars_per_token=self.chars_per_token)
-        with self._encoding:
-            requests = batch_requests(self._encode, prompts, params)
+            if is_token_ids(prompt):
+                bad = next((t for t in prompt if not 0 <= t < self.backend.vocab_size), None)
+                if bad is not None:
+                    raise LiveppError(f"token id {bad} is not in this model's vocabulary of {self.backend.vocab_size}")
+            else:
+                self.encoder.check_size(prompt)
+        requests = batch_requests(self.encoder.encode, prompts, params, scores)
         rows = [new_row(self.text, i, r) for i, r in enumerate(requests)]
         with self._cv:
             if self._stopping:
@@ -177,25 +191,31 @@ class Scheduler:
             self._cv.notify_all()
         return channel
 
-    def _encode(self, prompt: Prompt, *, raw: bool) -> list[int]:
-        return encode_prompt(self._encoder, prompt, raw=raw, name=self.name)
-
     # ---- the consumer side (the stream's thread) ----------------------------
     def _get(self, channel: _Channel) -> tuple[int, TokenRecord]:
-        with self._cv:
-            while True:
-                if channel.pending:
-                    channel.waiting = False  # busy with this record until it asks again
-                    return channel.pending.popleft()
-                if channel.error is not None:
-                    raise channel.error
-                if channel.aborted or all(s.done for s in channel.rows):
-                    channel.waiting = False
-                    raise StopIteration
-                if not channel.waiting:
-                    channel.waiting = True
-                    self._cv.notify_all()
-                self._cv.wait()
+        while True:
+            with self._cv:
+                item = self._next_item(channel)
+            row, record = item
+            if not isinstance(record, list):
+                return item
+            if channel.on_scores is not None:  # a scored chunk of a prompt, on the consumer's thread
+                channel.on_scores(row, record)
+
+    def _next_item(self, channel: _Channel) -> tuple[int, Any]:
+        while True:
+            if channel.pending:
+                channel.waiting = False  # busy with this record until it asks again
+                return channel.pending.popleft()
+            if channel.error is not None:
+                raise channel.error
+            if channel.aborted or all(s.done for s in channel.rows):
+                channel.waiting = False
+                raise StopIteration
+            if not channel.waiting:
+                channel.waiting = True
+                self._cv.notify_all()
+            self._cv.wait()
 
     def _cancel(self, slot: _Slot, reason: str) -> None:
         with self._cv:
@@ -273,6 +293,11 @@ class Scheduler:
         if not self._queue or room <= 0:
             return
         first = self._queue[0]
+        if first.row.request.score is not None:  # a scored prompt: alone, chunk by chunk
+            group = [self._queue.popleft()]
+            self._prefill_steps = iter(self.backend.score_prefill(first.row, self.prefill_chunk, lambda scores: self._scored(first, scores)))
+            self._prefill = group
+            return
         if len(first.row.request.prompt_ids) > self.prefill_chunk:
             group = [self._queue.popleft()]
         else:
@@ -284,12 +309,28 @@ class Scheduler:
 
     def _prefill_chunk(self) -> None:
         assert self._prefill_steps is not None
+        with self._cv:
+            if all(s.cancelled for s in self._prefill):  # nobody wants the rest of this prompt
+                for s in self._prefill:
+                    s.done = True
+                self._prefill_steps, self._prefill = None, []
+                self.backend.join([])
+                self._cv.notify_all()
+                return
         logits = next(self._prefill_steps)()
         self.forward_passes += 1
         if logits is None:
             return  # more chunks to go; running rows step in between
         self._prefill_steps = None
         group = self._prefill
+        score = group[0].row.request.score
+        if score is not None and not score.generate:  # scored, nothing to generate: the row is done
+            with self._cv:
+                group[0].done = group[0].row.done = True
+                self.backend.join([])
+                self._prefill = []
+                self._cv.notify_all()
+            return
         records = sample_rows(self.text, [s.row for s in group], logits)
         with self._cv:
             keep = [k for k, s in enumerate(group) if not s.row.done and not s.cancelled]
@@ -297,6 +338,14 @@ class Scheduler:
             self.backend.join(keep)
             self._active.extend(group[k] for k in keep)
             self._prefill = []
+
+    def _scored(self, slot: _Slot, scores: list[PositionScore]) -> None:
+        """A chunk of a scored prompt, for its consumer (the loop's thread)."""
+        self.largest_score_chunk = max(self.largest_score_chunk, len(scores))
+        with self._cv:
+            if not slot.cancelled:
+                slot.channel.pending.append((slot.local, scores))
+                self._cv.notify_all()
 
     def _step(self) -> None:
         with self._cv:

@@ -8,6 +8,7 @@ OpenAI's schema; every ``GET`` also answers ``HEAD``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,8 +23,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from livepp.core.events import dumps
 from livepp.serve.access import AccessMiddleware
 from livepp.serve.openai_api import OpenAIApi, error_response, openai_error
-from livepp.serve.openai_models import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, ModelCard, ModelList
-from livepp.serve.openai_schema import OpenAIError
+from livepp.core.params import LiveppError
+from livepp.serve.openai_models import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                                        ModelCard, ModelList, TokenizeRequest)
+from livepp.serve.openai_schema import OpenAIError, chat_prompt as _messages
 from livepp.serve.ws_session import Session
 
 if TYPE_CHECKING:
@@ -133,6 +136,50 @@ def create_app(service: "Service") -> FastAPI:
               responses={200: {"model": Completion, "content": streamed}, **_ERRORS}, response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.complete("completions", body, request)
+
+    def encoder() -> Any:
+        if service.scheduler is None:
+            raise OpenAIError(400, "tokenizer endpoints need a local torch or llama.cpp model served with continuous batching",
+                              code="unsupported")
+        return service.scheduler.encoder
+
+    def checked_model(name: str | None) -> None:
+        if name is not None and name != service.engine.name:
+            raise OpenAIError(404, f"The model '{name}' does not exist", param="model", code="model_not_found")
+
+    @app.post("/tokenize", summary="Token ids of a prompt or of chat messages (vLLM's shape)", responses=_ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        checked_model(body.model)
+        enc = encoder()
+        if (body.prompt is None) == (body.messages is None):
+            raise OpenAIError(400, "give a prompt or messages", param="prompt")
+        try:
+            if body.prompt is not None:
+                ids = await asyncio.to_thread(enc.tokenize, body.prompt, add_special_tokens=body.add_special_tokens)
+            else:
+                ids = await asyncio.to_thread(enc.chat_ids, _messages(body.messages), add_generation_prompt=body.add_generation_prompt)
+        except LiveppError as exc:
+            raise openai_error(exc, prompt_param="prompt" if body.prompt is not None else "messages") from None
+        out: dict[str, Any] = {"count": len(ids), "max_model_len": enc.context_length, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = await asyncio.to_thread(enc.token_texts, ids)
+        return out
+
+    @app.post("/detokenize", summary="The text of token ids (vLLM's shape)", responses=_ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        checked_model(body.model)
+        enc = encoder()
+        vocab = service.scheduler.backend.vocab_size
+        bad = next((t for t in body.tokens if t >= vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is not in this model's vocabulary of {vocab}", param="tokens")
+        return {"prompt": await asyncio.to_thread(enc.decode, body.tokens)}
+
+    async def tokenizer_info() -> dict[str, Any]:
+        return encoder().info()
+
+    get("/tokenizer_info", tokenizer_info, summary="The tokenizer: special tokens, chat template, context (vLLM's shape)",
+        responses=_ERRORS)
 
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:

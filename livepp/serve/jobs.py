@@ -191,19 +191,23 @@ class JobEngine:
         self.name, self.kind = engine.name, engine.kind
         self.on_queued = on_queued
 
-    def open(self, prompt: Prompt, params: GenerationParams) -> JobStream:
+    def open(self, prompt: Prompt, params: GenerationParams, **scoring: Any) -> JobStream:
+        """A stream of the job; ``scoring`` (``score``, ``on_scores``) goes to
+        an engine that scores prompts (the continuous batch)."""
         if self.engine.serial:
+            _no_scoring(scoring)
             # engine.open validates (and encodes) before any compute.
             stream: TokenStream = RunnerStream(self.runner, self.runner.call(self.engine.open, prompt, params))
         else:
-            stream = self.engine.open(prompt, params)
+            stream = self.engine.open(prompt, params, **scoring) if scoring else self.engine.open(prompt, params)
             self._queued(stream)
         return JobStream(stream, self.job)
 
-    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> BatchTokenStream:
+    def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams], **scoring: Any) -> BatchTokenStream:
         if self.engine.serial:
+            _no_scoring(scoring)
             return SequentialBatch([functools.partial(self.open, pr, p) for pr, p in zip(prompts, params)])
-        batch = self.engine.open_batch(prompts, params)
+        batch = self.engine.open_batch(prompts, params, **scoring) if scoring else self.engine.open_batch(prompts, params)
         self._queued(batch)
         return JobBatch(batch, self.job)
 
@@ -212,6 +216,11 @@ class JobEngine:
         position = getattr(stream, "queue_position", None) if self.on_queued is not None else None
         if position is not None:
             self.on_queued(position)
+
+
+def _no_scoring(scoring: dict[str, Any]) -> None:
+    if any(v is not None for v in scoring.values()):
+        raise LiveppError("scoring a prompt needs a local torch or llama.cpp model served with continuous batching")
 
 
 def error_code(exc: BaseException) -> str:

@@ -31,7 +31,9 @@ from livepp.core.policies import parse_policy
 from livepp.core.tracker import Tracker
 from livepp.serve.jobs import ClientError, Job, JobEngine
 from livepp.serve.openai_models import ChatCompletionRequest, CompletionRequest
+from livepp.engines.protocol import ScoreSpec, is_token_ids
 from livepp.serve.openai_schema import ChoiceBuilder, OpenAIError, ParsedRequest, envelope, now, parse_request, usage
+from livepp.serve.openai_scoring import ScoredPrompt
 
 if TYPE_CHECKING:
     from livepp.serve.service import Service
@@ -151,23 +153,59 @@ class OpenAIApi:
         rows, row_params = prompt_rows(req.prompts, req.n, req.params)
         specs = list(service.config.default_policies) + req.policies
         settings = {"window": req.window}
+        scoring: dict[str, Any] = {}
+        if req.echo or req.scores_prompt or any(is_token_ids(r) for r in rows):
+            rows, scoring = self._prompts(kind, req, rows, emit)
 
         def tracker() -> Tracker:
             return Tracker(window=req.window)
 
         if len(rows) == 1:
-            stream = engine.open(rows[0], row_params[0])  # validates before any compute
+            one = {"score": scoring["scores"][0], "on_scores": scoring["on_scores"]} if scoring else {}
+            stream = engine.open(rows[0], row_params[0], **one)  # validates before any compute
             monitor = Monitor(policies=[parse_policy(s) for s in specs], keep_events=False, tracker_factory=tracker, steps=req.steps,
                               sinks=[_Emit(emit, 0), service.metrics.sink(job.id, kind, job.accepted_at)])
             monitor.run(stream, model=engine.name, params=row_params[0].to_dict() | settings, engine=engine.kind)
             return
         metrics = [service.metrics.sink(f"{job.id}/{i}", kind, job.accepted_at) for i in range(len(rows))]
-        batch = MonitoredBatch(engine.open_batch(rows, row_params), row_params, model=engine.name, engine=engine.kind,
+        batch = MonitoredBatch(engine.open_batch(rows, row_params, **scoring), row_params, model=engine.name, engine=engine.kind,
                                policies=lambda i: [parse_policy(s) for s in specs], tracker_factory=tracker,
                                run_params=settings, steps=req.steps)
         for row, event in batch:
             metrics[row].emit(event)
             emit(row, event)
+
+
+    def _prompts(self, kind: str, req: ParsedRequest, rows: list[Any], emit: Callable[[Any, Any], None]) -> tuple[list[Any], dict[str, Any]]:
+        """Worker thread: each row's prompt as token ids (given, or encoded as
+        the row would be) with its texts, echoed or scored; the options that
+        make the engine score the prompts as it prefills them."""
+        scheduler = self.service.scheduler
+        if scheduler is None:
+            raise LiveppError("echo, prompt_logprobs and token-id prompts need a local torch or llama.cpp model "
+                              "served with continuous batching")
+        encoder = scheduler.encoder
+        ids = [list(r) if is_token_ids(r) else encoder.encode(r, raw=kind == "completions") for r in rows]
+        prompts = []
+        for row, row_ids in zip(rows, ids):
+            pieces = encoder.pieces(row_ids)
+            prompts.append(ScoredPrompt(row_ids, pieces, row if isinstance(row, str) else "".join(pieces)))
+        if not req.scores_prompt:
+            for i, prompt in enumerate(prompts):
+                emit(i, prompt)  # echoed as it is
+            return ids, {}
+
+        def on_scores(row: int, scores: list[Any]) -> None:
+            prompt = prompts[row]
+            prompt.add(scores, encoder.token_texts)
+            if prompt.complete:
+                emit(row, prompt)
+
+        for i, prompt in enumerate(prompts):
+            if prompt.complete:  # one token: nothing to score
+                emit(i, prompt)
+        spec = ScoreSpec(first=1, top=req.prompt_top, generate=req.generate)
+        return ids, {"scores": [spec] * len(rows), "on_scores": on_scores}
 
 
 async def _stop_on_disconnect(request: Request, job: Job) -> None:

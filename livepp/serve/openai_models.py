@@ -22,7 +22,7 @@ from livepp.core.steps import StepSegmenter
 from livepp.serve.checks import has_lone_surrogate
 
 __all__ = ["ChatCompletionRequest", "CompletionRequest", "LiveppOptions", "ErrorResponse", "ModelCard", "ModelList",
-           "ChatCompletion", "Completion", "MAX_TOP_LOGPROBS"]
+           "ChatCompletion", "Completion", "TokenizeRequest", "DetokenizeRequest", "MAX_TOP_LOGPROBS"]
 
 MAX_TOP_LOGPROBS = 20
 
@@ -143,6 +143,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Union[StrictBool, None] = None
     top_logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: Union[_ResponseFormat, None] = None
+    prompt_logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                                    description="vLLM's: each templated prompt token's logprob and rank, with the top N.")
     tools: Annotated[Any, _refused("tools are not supported")] = None
     tool_choice: Annotated[Any, _refused("tools are not supported")] = None
     functions: Annotated[Any, _refused("functions are not supported")] = None
@@ -151,15 +153,42 @@ class ChatCompletionRequest(_Sampling):
     prediction: Annotated[Any, _refused("predicted outputs are not supported")] = None
 
 
-class CompletionRequest(_Sampling):
-    """``POST /v1/completions``."""
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
 
-    prompt: Union[Text, list[Text]]
-    max_tokens: Union[StrictInt, None] = Field(None, ge=1)
-    logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives per token (0: only the token's own).")
-    echo: Annotated[Union[StrictBool, None], _refused("echo is not supported")] = None
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: text (or token ids) continued, or scored
+    (``echo`` with ``logprobs``, ``max_tokens`` 0: the prompt's logprobs only)."""
+
+    prompt: Union[Text, Annotated[list[Text], Field(min_length=1)], TokenIds, Annotated[list[TokenIds], Field(min_length=1)]] = Field(
+        description="A string, an array of strings, an array of token ids (taken as given: no template, no BOS added), "
+                    "or an array of such arrays.")
+    max_tokens: Union[StrictInt, None] = Field(None, ge=0, description="0 only with echo or prompt_logprobs: score, generate nothing.")
+    logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                             description="Alternatives per token; each token's own logprob is always there too.")
+    echo: Union[StrictBool, None] = Field(None, description="The prompt before the completion, in text and logprobs (first token: null).")
+    prompt_logprobs: Union[StrictInt, None] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                                    description="vLLM's: each prompt token's logprob and rank, with the top N.")
     best_of: Union[StrictInt, None] = Field(None, ge=1, le=1, description="Only 1.")
     suffix: Annotated[Any, _refused("suffix is not supported")] = None
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's): a prompt or chat messages to token ids."""
+
+    model: Union[Text, None] = None
+    prompt: Union[Text, None] = None
+    messages: Union[Annotated[list[ChatMessage], Field(min_length=1)], None] = None
+    add_special_tokens: StrictBool = Field(True, description="For a prompt: the tokenizer's own special tokens (BOS).")
+    add_generation_prompt: StrictBool = Field(True, description="For messages: end with the assistant's turn.")
+    return_token_strs: Union[StrictBool, None] = None
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model: Union[Text, None] = None
+    tokens: list[Annotated[StrictInt, Field(ge=0)]]
 
 
 # ---- responses (documentation) ---------------------------------------------------
@@ -220,6 +249,7 @@ class _ChatChoice(_Open):
     message: _Message
     logprobs: Union[_ChatLogprobs, None]
     finish_reason: Union[str, None]
+    prompt_logprobs: _PromptLogprobs = None
     livepp: dict[str, Any] = Field(description="PPL, mean NLL, tokens, end reason, stopping policy, per-token statistics, events.")
 
 
@@ -239,11 +269,21 @@ class _CompletionLogprobs(_Open):
     text_offset: list[int]
 
 
+class _PromptLogprob(BaseModel):
+    logprob: Union[float, None]
+    rank: int
+    decoded_token: str
+
+
+_PromptLogprobs = Union[list[Union[dict[str, _PromptLogprob], None]], None]
+
+
 class _CompletionChoice(_Open):
     index: int
     text: str
     logprobs: Union[_CompletionLogprobs, None]
     finish_reason: Union[str, None]
+    prompt_logprobs: _PromptLogprobs = None
     livepp: dict[str, Any]
 
 

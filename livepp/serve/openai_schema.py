@@ -30,6 +30,7 @@ from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.steps import step_rule
 from livepp.engines.protocol import Prompt, chat_messages
 from livepp.serve.openai_models import ChatCompletionRequest, ChatMessage, CompletionRequest, LiveppOptions
+from livepp.serve.openai_scoring import ScoredPrompt, echo_logprobs, vllm_prompt_logprobs
 
 __all__ = ["OpenAIError", "ParsedRequest", "parse_request", "ChoiceBuilder", "ContentGate", "finish_reason_of", "usage"]
 
@@ -69,13 +70,26 @@ class ParsedRequest:
     policies: list[str] = field(default_factory=list)
     window: int = 32
     steps: str | None = None
+    echo: bool = False
+    prompt_logprobs: int | None = None  # vLLM's
+    generate: bool = True  # False: max_tokens 0, the prompt is only scored
 
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.n
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether the prompt's tokens are scored (echo with logprobs, or prompt_logprobs)."""
+        return (self.echo and self.logprobs) or self.prompt_logprobs is not None
 
-def _messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    @property
+    def prompt_top(self) -> int:
+        """Alternatives each scored prompt position needs."""
+        return max(self.top_logprobs if self.echo and self.logprobs else 0, self.prompt_logprobs or 0)
+
+
+def chat_prompt(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Chat messages with text content (a string, or a list of text parts)."""
     out = []
     for m in messages:
@@ -97,18 +111,22 @@ def parse_request(kind: str, body: ChatCompletionRequest | CompletionRequest, *,
         raise OpenAIError(404, f"The model '{body.model}' does not exist; this server serves {', '.join(repr(m) for m in models[:1])}",
                           param="model", code="model_not_found")
     if isinstance(body, ChatCompletionRequest):
-        prompts: list[Prompt] = [_messages(body.messages)]
+        prompts: list[Prompt] = [chat_prompt(body.messages)]
         logprobs = bool(body.logprobs)
         if body.top_logprobs and not logprobs:
             raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
         top_logprobs = body.top_logprobs or 0
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     else:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not prompts or any(not p.strip() for p in prompts):
+        prompt = body.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+        if any(isinstance(p, str) and not p.strip() for p in prompts):
             raise _bad("prompt must not be empty", "prompt")
         logprobs, top_logprobs = body.logprobs is not None, body.logprobs or 0
         max_tokens = body.max_tokens
+    echo = bool(getattr(body, "echo", False))
+    if max_tokens == 0 and not (echo or body.prompt_logprobs is not None):
+        raise _bad("max_tokens 0 generates nothing: give echo or prompt_logprobs to score the prompt", "max_tokens")
     n = body.n or 1
     if n > max_n or len(prompts) * n > max_n:
         raise _bad(f"at most {max_n} choices per request (prompts x n)", "n")
@@ -120,7 +138,7 @@ def parse_request(kind: str, body: ChatCompletionRequest | CompletionRequest, *,
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     try:
         params = GenerationParams(
-            max_new_tokens=max_tokens or default_max_tokens,
+            max_new_tokens=max_tokens or (1 if max_tokens == 0 else default_max_tokens),
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
             top_k=max(0, body.top_k or 0),  # -1 is vLLM's "off"
@@ -135,7 +153,8 @@ def parse_request(kind: str, body: ChatCompletionRequest | CompletionRequest, *,
         raise _bad(str(exc)) from None
     return ParsedRequest(kind=kind, model=body.model, prompts=prompts, params=params, n=n, stream=bool(body.stream),
                          include_usage=bool(body.stream_options and body.stream_options.include_usage), logprobs=logprobs,
-                         top_logprobs=top_logprobs, policies=list(extra.policies), window=extra.window, steps=steps)
+                         top_logprobs=top_logprobs, policies=list(extra.policies), window=extra.window, steps=steps,
+                         echo=echo, prompt_logprobs=body.prompt_logprobs, generate=max_tokens != 0)
 
 
 class ContentGate:
@@ -207,9 +226,12 @@ class ChoiceBuilder:
         self.stopping_policy: dict[str, Any] | None = None
         self.prompt_tokens = 0
         self.end: EndEvent | None = None
+        self.prompt: ScoredPrompt | None = None
 
     # ---- streaming pieces: each returns the choice part of one chunk, or None
-    def on_event(self, event: Event) -> dict[str, Any] | None:
+    def on_event(self, event: Event | ScoredPrompt) -> dict[str, Any] | None:
+        if isinstance(event, ScoredPrompt):
+            return self._prompt(event)
         if isinstance(event, TokenEvent):
             return self._token(event)
         if isinstance(event, (PolicyEvent, StepEvent)):
@@ -225,6 +247,21 @@ class ChoiceBuilder:
             self.prompt_tokens = len(event.prompt_token_ids)  # type: ignore[union-attr]
         return None
 
+    def _prompt(self, prompt: ScoredPrompt) -> dict[str, Any]:
+        """The prompt, scored: echoed first (text and logprobs), and vLLM's prompt_logprobs."""
+        self.prompt = prompt
+        req = self.request
+        logprobs = None
+        if req.echo and req.logprobs:
+            logprobs = echo_logprobs(prompt, req.top_logprobs)
+            for key, values in logprobs.items():
+                self.completion_logprobs[key].extend(values)
+        self.offset = len(prompt.text) if req.echo else 0
+        part = self._part(prompt.text if req.echo else "", logprobs, None)
+        if req.prompt_logprobs is not None:
+            part["prompt_logprobs"] = vllm_prompt_logprobs(prompt, req.prompt_logprobs)
+        return part
+
     def _token(self, event: TokenEvent) -> dict[str, Any]:
         text = self.gate.feed(event.text)
         stats = token_stats(event)
@@ -239,6 +276,9 @@ class ChoiceBuilder:
                 top = {}
                 for t in event.top_logprobs[: self.request.top_logprobs]:
                     top.setdefault(t.text, t.logprob)
+                # The token itself is always there (OpenAI: up to K + 1 entries).
+                own = next((t.text for t in event.top_logprobs if t.token_id == event.token_id), event.text)
+                top.setdefault(own, event.logprob)
                 piece = {"tokens": [event.text], "token_logprobs": [event.logprob], "top_logprobs": [top],
                          "text_offset": [self.offset]}
                 for key, values in piece.items():
@@ -270,12 +310,18 @@ class ChoiceBuilder:
     def choice(self) -> dict[str, Any]:
         livepp = self.summary() | {"tokens": self.tokens, "events": json_safe(self.events)}
         if self.kind == "chat":
-            return {"index": self.index, "message": {"role": "assistant", "content": self.text},
+            chat = {"index": self.index, "message": {"role": "assistant", "content": self.text},
                     "logprobs": {"content": self.entries} if self.request.logprobs else None,
                     "finish_reason": finish_reason_of(self.end.reason) if self.end else None, "livepp": livepp}
-        return {"index": self.index, "text": self.text,
-                "logprobs": self.completion_logprobs if self.request.logprobs else None,
-                "finish_reason": finish_reason_of(self.end.reason) if self.end else None, "livepp": livepp}
+            if self.request.prompt_logprobs is not None:
+                chat["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt, self.request.prompt_logprobs) if self.prompt else None
+            return chat
+        out = {"index": self.index, "text": self.text,
+               "logprobs": self.completion_logprobs if self.request.logprobs else None,
+               "finish_reason": finish_reason_of(self.end.reason) if self.end else None, "livepp": livepp}
+        if self.request.prompt_logprobs is not None:
+            out["prompt_logprobs"] = vllm_prompt_logprobs(self.prompt, self.request.prompt_logprobs) if self.prompt else None
+        return out
 
 
 def usage(choices: list[ChoiceBuilder], n: int) -> dict[str, int]:

@@ -2,9 +2,10 @@
 
 One model per process. A local model (torch or llama.cpp) runs behind a
 continuous-batching :class:`~livepp.engines.scheduler.Scheduler` (``max_batch``
-rows in one forward pass per step, a bounded queue beyond); with
-``max_batch`` 1, or a serial engine of another kind, every model step goes
-through one FIFO :class:`ModelRunner` instead. The service holds the engine,
+rows in one forward pass per step, a bounded queue beyond; ``max_batch`` 1
+runs requests a token at a time in turn); a serial engine of another kind
+(a model whose cache cannot be batched) has every model step go through one
+FIFO :class:`ModelRunner` instead. The service holds the engine,
 admission (the running requests and the global cap), the limits of
 :class:`ServerConfig`, the live registry (:class:`ServerMetrics`) and the
 worker threads requests run their monitors in. It knows nothing of HTTP or
@@ -19,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from livepp.core.params import GenerationParams
+from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import parse_policy
 from livepp.engines.protocol import Engine
 from livepp.engines.select import as_engine, supports_continuous_batching
@@ -90,12 +91,17 @@ class Service:
         engine = as_engine(engine)
         self.config = config
         self.scheduler: Any = None
-        if config.max_batch > 1 and engine.serial and supports_continuous_batching(engine):
+        if engine.serial and supports_continuous_batching(engine):  # --max-batch 1: a batch of one, in turn
             from livepp.engines.scheduler import Scheduler
 
-            self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
-                                       prefill_chunk=config.prefill_chunk)
-            engine = self.scheduler
+            try:
+                self.scheduler = Scheduler(engine, max_batch=config.max_batch, max_queue=config.max_queue,
+                                           prefill_chunk=config.prefill_chunk)
+                engine = self.scheduler
+            except LiveppError:
+                if config.max_batch > 1:
+                    raise  # e.g. a cache that cannot be batched: the message says to serve it with --max-batch 1
+                # --max-batch 1 of such a model: its steps go through the runner.
         self.engine = engine
         for spec in config.default_policies:
             parse_policy(spec)  # a bad default is the operator's error, now

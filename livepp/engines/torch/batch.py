@@ -27,6 +27,7 @@ from livepp.engines.torch.decoder import Decoder, TextTracker, token_record
 from livepp.core.events import TokenRecord
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import RowBatch
+from livepp.engines.protocol import ScoreSpec, is_token_ids
 from livepp.engines.torch.sampling import next_token_stats, unpack_stats
 
 __all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "records_or_raise", "SteppedRows", "BatchStream", "BatchDecoder"]
@@ -34,10 +35,11 @@ __all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "r
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """One row to decode: prompt ids and how to generate."""
+    """One row to decode: prompt ids and how to generate (and score)."""
 
     prompt_ids: tuple[int, ...]
     params: GenerationParams
+    score: ScoreSpec | None = None
 
 
 @dataclass
@@ -55,18 +57,24 @@ class Row:
     stats: Any = field(default=None, repr=False)
 
 
-def batch_requests(encode: Callable[..., list[int]], prompts: Sequence[Any], params: Sequence[GenerationParams]) -> list[BatchRequest]:
+def batch_requests(encode: Callable[..., list[int]], prompts: Sequence[Any], params: Sequence[GenerationParams],
+                   scores: Sequence[ScoreSpec | None] | None = None) -> list[BatchRequest]:
     """One request per row. Each distinct prompt (with its ``raw`` flag) is
-    encoded once, so the N samples of a prompt share its ids, and so its prefill."""
+    encoded once, so the N samples of a prompt share its ids, and so its
+    prefill; a prompt of token ids is taken as it is."""
     if len(prompts) != len(params):
         raise LiveppError(f"open_batch needs one params per prompt, got {len(prompts)} prompts and {len(params)} params")
     ids: dict[tuple[str, bool], tuple[int, ...]] = {}
     requests = []
-    for prompt, p in zip(prompts, params):
-        key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
-        if key not in ids:
-            ids[key] = tuple(encode(prompt, raw=p.raw))
-        requests.append(BatchRequest(ids[key], p))
+    for k, (prompt, p) in enumerate(zip(prompts, params)):
+        if is_token_ids(prompt):
+            row_ids = tuple(prompt)
+        else:
+            key = (prompt if isinstance(prompt, str) else repr(list(prompt)), p.raw)
+            if key not in ids:
+                ids[key] = tuple(encode(prompt, raw=p.raw))
+            row_ids = ids[key]
+        requests.append(BatchRequest(row_ids, p, scores[k] if scores is not None else None))
     return requests
 
 

@@ -13,8 +13,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from livepp.core.events import PositionScore
 from livepp.core.params import LiveppError
 from livepp.engines.torch.batch import BatchDecoder, Row
+from livepp.engines.torch.sampling import position_scores
 from livepp.engines.torch.engine import TorchEngine
 
 __all__ = ["TorchBackend"]
@@ -66,9 +68,45 @@ class TorchBackend:
 
             yield chunk
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.decoder.model.get_input_embeddings().num_embeddings)
+
+    def score_prefill(self, row: Row, chunk: int, on_scores: Callable[[list[PositionScore]], None]) -> Iterator[Callable[[], Any]]:
+        """A prompt prefilled ``chunk`` tokens per forward pass, its given
+        tokens scored from ``row.request.score.first`` on as each chunk's
+        logits come (only one chunk's [chunk, V] logits exist at a time);
+        the last returns the next-token logits."""
+        from transformers import DynamicCache
+
+        ids, spec = row.request.prompt_ids, row.request.score
+        assert spec is not None
+        cache = DynamicCache(config=self.decoder.model.config)
+        device, n = self.decoder.device, len(ids)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+
+            def step(start: int = start, end: int = end) -> Any:
+                with torch.inference_mode():
+                    # logits[j] is the distribution of the token at position start + j + 1
+                    logits = self.decoder.model(input_ids=torch.tensor([list(ids[start:end])], device=device),
+                                                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                                                position_ids=torch.arange(start, end, device=device)[None],
+                                                past_key_values=cache, use_cache=True, logits_to_keep=end - start).logits[0]
+                    lo, hi = max(start + 1, spec.first), min(end, n - 1)
+                    if lo <= hi:
+                        on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top))
+                if end < n:
+                    return None
+                self._pending = (cache, torch.ones((1, n), dtype=torch.long, device=device))
+                return logits[-1:]
+
+            yield step
+
     def join(self, keep: list[int]) -> None:
         """The prefilled rows at ``keep`` (indices into the group) join the batch."""
-        assert self._pending is not None
+        if self._pending is None:  # a prefill abandoned before its last chunk: its cache is dropped
+            return
         cache, mask = self._pending
         self._pending = None
         if not keep:

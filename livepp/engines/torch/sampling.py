@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from livepp.core.events import PositionScore
 from livepp.core.params import GenerationParams
 
-__all__ = ["StepStats", "next_token_stats", "forced_token_stats", "unpack_stats", "processed_scores", "top_k"]
+__all__ = ["StepStats", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
 #                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
@@ -174,3 +175,25 @@ def forced_token_stats(logits: torch.Tensor, token_ids: list[int], params: Gener
         parts += [top_values[:, :k], top_ids[:, :k].to(logprobs.dtype)]
     packed = torch.cat(parts, dim=1).double().tolist()  # the one host sync
     return [unpack_stats(row) for row in packed]
+
+
+def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[int], top: int) -> list[PositionScore]:
+    """The scores of given tokens: row ``i`` of ``logits`` [T, V] is the
+    distribution ``token_ids[i]`` (at ``positions[i]``) was drawn from. The
+    raw logprob, the 1-based rank among all V tokens (ties counted in the
+    token's favour), the entropy and the ``top`` most likely tokens, for T
+    rows with one host sync; nothing larger than [T, V] is made."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target = torch.tensor(token_ids, device=logprobs.device)[:, None]
+    chosen = logprobs.gather(1, target)
+    rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    p = logprobs.clamp(min=-1e4).exp()
+    entropy = -(p * logprobs.clamp(min=-1e4)).sum(-1, keepdim=True)
+    parts = [chosen, rank.to(logprobs.dtype), entropy]
+    if top:
+        top_values, top_ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+        parts += [top_values, top_ids.to(logprobs.dtype)]
+    rows = torch.cat(parts, dim=1).double().tolist()  # the one host sync
+    k = (len(rows[0]) - 3) // 2 if rows else 0
+    return [PositionScore(pos, tid, row[0], int(row[1]), row[2], tuple((int(i), v) for v, i in zip(row[3:3 + k], row[3 + k:])))
+            for pos, tid, row in zip(positions, token_ids, rows)]

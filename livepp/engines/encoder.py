@@ -1,0 +1,109 @@
+"""The submitting side's tokenizer: prompts encoded by the threads that
+submit them, never by the thread that samples.
+
+:class:`PromptEncoder` holds its own copy of a model's tokenizer under a lock
+of its own, so a long prompt's tokenization (or a prompt's texts for an echo)
+never holds up a batch's sampling and detokenization, which use the original.
+
+No token of a vocabulary decodes to more than its longest piece, so a text of
+more than ``context_length x longest_piece`` characters cannot fit in the
+context whatever it says: it is refused without spending the tokenizer's time
+(a megabyte of text takes the tokenizer about a second).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from typing import Any, Sequence
+
+from livepp.core.params import PromptTooLong
+from livepp.engines.protocol import Prompt
+
+__all__ = ["PromptEncoder", "longest_piece", "prompt_chars", "refuse_oversized"]
+
+
+def longest_piece(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` decodes to (81 for
+    SmolLM2's vocabulary); at least 1."""
+    vocab = tokenizer.get_vocab()
+    return max([1, *(len(tokenizer.convert_tokens_to_string([t])) for t in vocab)])
+
+
+def prompt_chars(prompt: Prompt) -> int:
+    """Characters of a prompt: its text, or its messages' contents."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(m.get("content") or "") for m in prompt if isinstance(m, dict))
+
+
+def refuse_oversized(prompt: Prompt, *, context_length: int, chars_per_token: int) -> None:
+    """Raise :class:`PromptTooLong` for a prompt that cannot fit, untokenized."""
+    limit = context_length * chars_per_token
+    chars = prompt_chars(prompt)
+    if chars > limit:
+        raise PromptTooLong(f"the prompt has {chars} characters; this model's context of {context_length} tokens holds at most "
+                            f"{limit} ({chars_per_token} characters per token at most)")
+
+
+class PromptEncoder:
+    """A copy of ``tokenizer`` for the threads that submit prompts; thread-safe."""
+
+    def __init__(self, tokenizer: Any, *, context_length: int, name: str) -> None:
+        self._tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
+        self.context_length, self.name = context_length, name
+        self.chars_per_token = longest_piece(self._tokenizer)
+
+    def check_size(self, prompt: Prompt) -> None:
+        refuse_oversized(prompt, context_length=self.context_length, chars_per_token=self.chars_per_token)
+
+    def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
+        """Token ids as a row gets them (the chat template unless ``raw``);
+        a text that cannot fit is refused untokenized."""
+        from livepp.engines.torch.decoder import encode_prompt
+
+        self.check_size(prompt)
+        with self._lock:
+            return encode_prompt(self._tokenizer, prompt, raw=raw, name=self.name)
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each token's text as a stream releases it (special tokens kept):
+        they concatenate to the decoded ids."""
+        from livepp.engines.detokenize import IncrementalDetokenizer
+
+        with self._lock:
+            detok = IncrementalDetokenizer(self._tokenizer, skip_special_tokens=False)
+            out = [detok.add(i) for i in ids]
+            if out:
+                out[-1] += detok.finish()
+            return out
+
+    def token_texts(self, ids: Sequence[int]) -> list[str]:
+        """Each id's own text (``decode([id])``)."""
+        with self._lock:
+            return [self._tokenizer.decode([i]) for i in ids]
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``tokenizer(text)``: the tokenizer's own special tokens, or none."""
+        self.check_size(text)
+        with self._lock:
+            return [int(i) for i in self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def chat_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
+        self.check_size(messages)
+        with self._lock:
+            ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+            return [int(i) for i in (ids if isinstance(ids, list) else ids["input_ids"])]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._lock:
+            return self._tokenizer.decode(list(ids))
+
+    def info(self) -> dict[str, Any]:
+        """What vLLM's ``/tokenizer_info`` says of a tokenizer."""
+        tok = self._tokenizer
+        return {"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None),
+                "model_max_length": self.context_length, "vocab_size": len(tok),
+                "adds_bos_token": bool(tok("a")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False}
