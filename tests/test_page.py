@@ -263,3 +263,34 @@ def test_watch_mode_scores_typed_text_as_it_arrives(decoder, browser):
         browser.save_screenshot(str(ARTIFACTS / "page-watch.png"))
     finally:
         server.stop()
+
+
+def test_score_mode_shows_a_pasted_texts_surprisal_and_ppl(decoder, browser):
+    from click.testing import CliRunner
+
+    from livepp.cli.main import main
+    from livepp.engines.torch.engine import TorchEngine
+
+    text = (Path("/usr/share/common-licenses/GPL-3").read_text() if Path("/usr/share/common-licenses/GPL-3").is_file()
+            else "The quick brown fox jumps over the lazy dog. " * 40)[:1500]
+    r = CliRunner().invoke(main, ["score", "-", "--json"], input=text, obj={"engine": TorchEngine(decoder)})
+    reference = json.loads(r.stdout)
+    server = RunningServer(decoder)
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/")
+        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "mode")).select_by_value("score")
+        assert browser.find_element("id", "go").text == "Score" and browser.find_element("id", "watch").is_displayed()
+        browser.find_element("id", "prompt").clear()
+        browser.execute_script("document.getElementById('watch').value = arguments[0]", text)  # pasted
+        browser.find_element("id", "go").click()
+        wait_for(lambda: "end: done" in browser.find_element("id", "log").text, "the end event", timeout=120)
+        assert int(browser.find_element("id", "s-n").text) == reference["n_tokens"]
+        assert float(browser.find_element("id", "s-ppl").text) == pytest.approx(reference["ppl"], abs=0.006)
+        points = browser.execute_script("return points")
+        assert len(points) == reference["n_tokens"] and points[-1][1] == pytest.approx(reference["ppl"], rel=1e-4)
+        browser.save_screenshot(str(ARTIFACTS / "page-score.png"))
+    finally:
+        server.stop()

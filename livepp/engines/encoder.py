@@ -107,3 +107,9 @@ class PromptEncoder:
                 "pad_token": tok.pad_token, "unk_token": tok.unk_token, "chat_template": getattr(tok, "chat_template", None),
                 "model_max_length": self.context_length, "vocab_size": len(tok),
                 "adds_bos_token": bool(tok("a")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False}
+
+    def plan(self, planner: Any, *args: Any, **kwargs: Any) -> Any:
+        """``planner(tokenizer, context_length, *args, **kwargs)`` with this
+        copy of the tokenizer (a :mod:`livepp.scoring.plans` function)."""
+        with self._lock:
+            return planner(self._tokenizer, self.context_length, *args, **kwargs)

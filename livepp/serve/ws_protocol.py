@@ -8,6 +8,8 @@ moves the bytes and runs the requests.
   → {"type":"route","id":str,"question":str,"params":{"early","long_max_tokens","short_max_tokens"}}
   → {"type":"think","id":str,"question":str,"params":{"traces","warmup","eta","group","mode",...}}
   → {"type":"watch","id":str,"prompt":str|null,"chat":bool,"text":str,"policies":[...],"steps":...}
+  → {"type":"score","id":str,"text":str | "prompt":str,"target":str,"chat":bool,
+     "max_length":int,"stride":int,"convention":"hf"|"lm-eval","prefix_token":"bos"|"eos"|int}
   → {"type":"text","id":str,"text":str} / {"type":"text","id":str,"done":true}
   → {"type":"cancel","id":str}
 """
@@ -25,9 +27,9 @@ from livepp.serve.checks import surrogate_path
 from livepp.serve.jobs import ClientError
 
 __all__ = ["KINDS", "Message", "SessionHandle", "GenerateRequest", "RouteRequest", "ThinkRequest", "WatchRequest", "Limits", "ConnectionState",
-           "parse_message", "parse_generate", "parse_route", "parse_think", "parse_watch", "parse_text", "MAX_TRACES"]
+           "ScoreRequest", "parse_score", "parse_message", "parse_generate", "parse_route", "parse_think", "parse_watch", "parse_text", "MAX_TRACES"]
 
-KINDS = ("generate", "route", "think", "watch", "text", "cancel")
+KINDS = ("generate", "route", "think", "watch", "score", "text", "cancel")
 MAX_TRACES = 64
 
 
@@ -97,6 +99,42 @@ class SessionHandle(Protocol):
     texts: dict[str, Any]
 
     def start(self, message: Message, fn: Callable[..., None], *args: Any, end_is_final: bool = True, text: Any = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    text: str | None
+    prompt: str | None
+    target: str | None
+    chat: bool
+    max_length: int | None
+    stride: int | None
+    convention: str
+    prefix_token: str | int | None
+
+
+def parse_score(data: dict[str, Any], limits: Limits) -> ScoreRequest:
+    text, prompt, target = data.get("text"), data.get("prompt"), data.get("target")
+    if (text is None) == (prompt is None and target is None) or (prompt is None) != (target is None):
+        raise _bad("score needs text, or prompt and target")
+    if any(v is not None and (not isinstance(v, str) or not v.strip()) for v in (text, prompt, target)):
+        raise _bad("text, prompt and target must be non-empty strings")
+    chat, convention, prefix = data.get("chat", False), data.get("convention", "hf"), data.get("prefix_token")
+    max_length, stride = data.get("max_length"), data.get("stride")
+    if not isinstance(chat, bool) or convention not in ("hf", "lm-eval"):
+        raise _bad("chat must be true or false and convention hf or lm-eval")
+    for name, value, low in (("max_length", max_length, 2), ("stride", stride, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise _bad(f"{name} must be an integer >= {low}")
+    if stride is not None and max_length is None:
+        raise _bad("stride needs max_length")
+    if convention == "lm-eval" and (prompt is not None or stride is not None):
+        raise _bad("convention lm-eval scores whole texts in its own windows: no prompt/target, no stride")
+    if prefix is not None and (convention != "lm-eval" or not (prefix in ("bos", "eos") or (isinstance(prefix, int) and not isinstance(prefix, bool)))):
+        raise _bad("prefix_token (bos, eos or a token id) goes with convention lm-eval")
+    if len(text or "") + len(prompt or "") + len(target or "") > limits.max_message_bytes:
+        raise ClientError("message_too_large", f"messages are limited to {limits.max_message_bytes} bytes")
+    return ScoreRequest(text, prompt, target, chat, max_length, stride, convention, prefix)
 
 
 def parse_message(message: str | bytes, limits: Limits) -> Message:

@@ -23,6 +23,7 @@ from livepp.serve.generation import start_generate
 from livepp.serve.jobs import ClientError, Job, OutboxSink
 from livepp.serve.outbox import Outbox
 from livepp.serve.reasoning import start_route, start_think
+from livepp.serve.scoring import start_score
 from livepp.serve.watching import add_text, start_watch
 from livepp.serve.ws_protocol import ConnectionState, Limits, Message, parse_message
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Session", "limits_of"]
 
 _STARTERS: dict[str, Callable[["Session", Message], None]] = {
-    "generate": start_generate, "route": start_route, "think": start_think, "watch": start_watch,
+    "generate": start_generate, "route": start_route, "think": start_think, "watch": start_watch, "score": start_score,
 }
 
 
