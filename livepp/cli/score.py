@@ -105,9 +105,13 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
 @click.option("--exact", is_flag=True, help="--engine llama.cpp: decode every token on its own (slower), which equals llama.cpp's "
               "token-by-token evaluation; by default windows are processed in batches, whose kernels may round differently.")
+@click.option("--remote", metavar="URL", help="Score on an OpenAI-compatible server that serves prompt logprobs (vLLM, SGLang, "
+              "livepp serve), e.g. http://127.0.0.1:8000/v1: /v1/completions with echo, logprobs 0, max_tokens 1.")
+@click.option("--remote-model", metavar="NAME", help="The model name at --remote.")
+@click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @device_options
 def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, exact,
-          engine_kind, device, dtype) -> None:
+          remote, remote_model, api_key_env, engine_kind, device, dtype) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -118,6 +122,7 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
       livepp score --chat --prompt "What is 2+3?" --target "2 + 3 = 5"
       livepp score records.jsonl --json
       livepp score notes.txt --max-length 512 --convention lm-eval
+      livepp score notes.txt --remote http://127.0.0.1:8000/v1 --remote-model my-model
     """
     from livepp.cli.common import fail as _fail
 
@@ -150,6 +155,12 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
         jsonl = as_jsonl or (source is not None and source.endswith(".jsonl"))
         records = _records(text, source) if jsonl else None
 
+        if remote is not None:
+            _score_remote(remote, remote_model, api_key_env, text, records, prompt, target, chat=chat, convention=convention,
+                          max_length=max_length, stride=stride, exact=exact, as_json=as_json)
+            return
+        if remote_model is not None:
+            raise LiveppError("--remote-model goes with --remote")
         from livepp.scoring.teacher_forced import score_target, score_text, score_text_lm_eval
 
         if engine_kind == "auto":
@@ -199,6 +210,37 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
         _fail(str(exc), as_json=as_json, code=2)
     except Exception as exc:
         _fail(f"{type(exc).__name__}: {exc}", as_json=as_json, code=1)
+
+
+def _score_remote(url: str, model: str | None, api_key_env: str | None, text: str | None, records: list[dict[str, Any]] | None,
+                  prompt: str | None, target: str | None, *, chat: bool, convention: str, max_length: int | None, stride: int | None,
+                  exact: bool, as_json: bool) -> None:
+    import os
+
+    from livepp.scoring.remote import RemoteScorer
+
+    if model is None:
+        raise LiveppError("--remote needs --remote-model NAME")
+    if chat or convention != "hf" or exact:
+        raise LiveppError("--remote scores by the server's tokenization: no --chat, --convention lm-eval or --exact")
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise LiveppError(f"the environment variable {api_key_env} is not set")
+    scorer = RemoteScorer(url, model, api_key=api_key)
+
+    def one(rec: dict[str, Any]) -> Any:
+        if "prompt" in rec:
+            if max_length is not None:
+                raise LiveppError("--max-length scores whole texts; a --prompt/--target pair is scored in one request")
+            return scorer.score_target(rec["prompt"], rec["target"])
+        return scorer.score_text(rec["text"], max_length=max_length, stride=stride)
+
+    if records is None:
+        _print_single(one({"prompt": prompt, "target": target} if prompt is not None else {"text": text}), as_json)
+    else:
+        _print_records(records, one, as_json)
 
 
 def _print_single(result: Any, as_json: bool) -> None:
