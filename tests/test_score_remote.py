@@ -12,7 +12,6 @@ import pytest
 from click.testing import CliRunner
 
 from livepp.cli.main import main
-from livepp.engines.torch.engine import TorchEngine
 from test_remote_parsing import FIXTURES, Stub
 from test_server import RunningServer
 
