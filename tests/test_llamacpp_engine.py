@@ -198,3 +198,31 @@ def test_the_service_batches_llamacpp_requests_and_each_equals_its_run_alone(lla
         assert got_ids == alone.token_ids, f"client {i}"
         assert max(abs(a - b.logprob) for a, b in zip(got_lps, alone.tokens)) <= 1e-4
         assert out[f"c{i}"][0]["engine"] == "llama.cpp"
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_service_scores_prompts_on_llamacpp_as_score_does_and_says_which_path(exact):
+    import openai
+
+    from livepp.scoring.teacher_forced import score_text
+    from test_server import RunningServer
+
+    text = open("/usr/share/common-licenses/GPL-3").read()[:700]
+    local = LlamaCppEngine(exact=exact)
+    try:
+        want = score_text(local, text)
+    finally:
+        local.close()
+    served = LlamaCppEngine(exact=exact)
+    s = RunningServer(served, max_batch=2)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0, timeout=300)
+        r = c.completions.create(model=served.name, prompt=text, echo=True, logprobs=0, max_tokens=0)
+    finally:
+        s.stop()
+        served.close()
+    got = r.choices[0].logprobs.token_logprobs[1:]
+    assert len(got) == want.n_tokens
+    assert max(abs(a - b.logprob) for a, b in zip(got, want.tokens)) <= 1e-4
+    path = r.choices[0].model_extra["livepp"]["scoring_path"]
+    assert ("every token its own decode" in path) == exact and path == served.scoring_path

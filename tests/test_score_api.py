@@ -179,3 +179,36 @@ def test_lm_eval_local_completions_equals_its_own_hf_backend(server, harness, lo
     [want_rolling] = harness.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
     [got_rolling] = api.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
     assert got_rolling == pytest.approx(want_rolling, rel=1e-4)
+
+
+def test_the_gateway_passes_scoring_requests_to_its_upstream_and_its_answers_back(server, client):
+    from livepp.engines.remote import OpenAIEngine
+    from test_remote_parsing import Stub
+
+    gateway = RunningServer(OpenAIEngine(f"http://127.0.0.1:{server.port}/v1", MODEL))
+    refusing = Stub(b'{"error": {"message": "echo is not supported", "type": "invalid_request_error", "param": "echo", "code": null}}',
+                    status=400)
+    strict = RunningServer(OpenAIEngine(refusing.url, MODEL))
+    try:
+        through = openai.OpenAI(base_url=f"http://127.0.0.1:{gateway.port}/v1", api_key="unused", max_retries=0, timeout=300)
+        direct = client.completions.create(model=MODEL, prompt=TEXT, echo=True, logprobs=1, max_tokens=0)
+        for stream in (False, True):
+            if stream:
+                chunks = list(through.completions.create(model=MODEL, prompt=TEXT, echo=True, logprobs=1, max_tokens=0, stream=True))
+                got = [lp for c in chunks if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+            else:
+                got = through.completions.create(model=MODEL, prompt=TEXT, echo=True, logprobs=1, max_tokens=0).choices[0].logprobs.token_logprobs
+            assert got == direct.choices[0].logprobs.token_logprobs
+        ids = through.completions.create(model=MODEL, prompt=[[1, 2, 3, 4]], echo=True, logprobs=0, max_tokens=0,
+                                         extra_body={"prompt_logprobs": 1})
+        assert len(ids.choices[0].model_extra["prompt_logprobs"]) == 4
+        with pytest.raises(openai.BadRequestError) as refused:
+            openai.OpenAI(base_url=f"http://127.0.0.1:{strict.port}/v1", api_key="unused", max_retries=0).completions.create(
+                model=MODEL, prompt=TEXT, echo=True, logprobs=0, max_tokens=0)
+        assert refused.value.body["param"] == "echo" and "echo is not supported" in refused.value.message
+        assert refusing.requests[0]["echo"] is True and "livepp" not in refusing.requests[0]
+        assert not gateway.server.jobs and not strict.server.jobs
+    finally:
+        gateway.stop()
+        strict.stop()
+        refusing.close()

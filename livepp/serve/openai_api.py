@@ -107,6 +107,10 @@ class OpenAIApi:
         over = service.over_limit(req.params, len(req.policies), names=_OPENAI_NAMES)
         if over is not None:
             raise OpenAIError(400, over[1], param=over[0])
+        engine = self._engine_for(kind)
+        if getattr(engine, "kind", None) == "openai" and (req.echo or req.prompt_logprobs is not None
+                                                          or any(is_token_ids(p) for p in req.prompts)):
+            return await self._pass_through(engine, kind, body, req)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         try:
             job = service.admit(Job(prefix + uuid.uuid4().hex[:24]))
@@ -143,6 +147,24 @@ class OpenAIApi:
             watcher.cancel()
             job.stop("cancelled")  # a no-op after a normal end
         return response
+
+    async def _pass_through(self, engine: Any, kind: str, body: ChatCompletionRequest | CompletionRequest, req: ParsedRequest) -> Response:
+        """A gateway's scoring request (echo, prompt_logprobs, token ids): the
+        upstream engine scores it; its answer, or its error, comes back as it is.
+        (Nothing is generated to monitor beyond what the upstream returns.)"""
+        from livepp.serve.passthrough import forward
+
+        try:
+            job = self.service.admit(Job(("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]))
+        except ClientError as exc:
+            raise openai_error(exc) from None
+        payload = body.model_dump(exclude_unset=True, exclude={"livepp"}) | {"model": engine.model}
+        try:
+            return await forward(engine, "/chat/completions" if kind == "chat" else "/completions", payload, stream=req.stream,
+                                 on_end=lambda: self.service.release(job))
+        except BaseException:
+            self.service.release(job)
+            raise
 
     def _generate(self, job: Job, kind: str, req: ParsedRequest, emit: Callable[[Any, Any], None]) -> None:
         """Worker thread: decode every choice, monitored; events go to ``emit``."""
@@ -189,7 +211,8 @@ class OpenAIApi:
         prompts = []
         for row, row_ids in zip(rows, ids):
             pieces = encoder.pieces(row_ids)
-            prompts.append(ScoredPrompt(row_ids, pieces, row if isinstance(row, str) else "".join(pieces)))
+            prompts.append(ScoredPrompt(row_ids, pieces, row if isinstance(row, str) else "".join(pieces),
+                                        path=getattr(scheduler.engine, "scoring_path", None) if req.scores_prompt else None))
         if not req.scores_prompt:
             for i, prompt in enumerate(prompts):
                 emit(i, prompt)  # echoed as it is

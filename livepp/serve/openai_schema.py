@@ -303,8 +303,11 @@ class ChoiceBuilder:
         end = self.end
         assert end is not None
         stop_reason = self.stopping_policy["policy"] if end.reason == "policy" and self.stopping_policy else end.reason
-        return json_safe({"ppl": end.ppl, "mean_nll": end.mean_nll, "n_tokens": end.n_tokens, "reason": end.reason,
-                          "policy": self.stopping_policy if end.reason == "policy" else None, "stop_reason": stop_reason})
+        out = {"ppl": end.ppl, "mean_nll": end.mean_nll, "n_tokens": end.n_tokens, "reason": end.reason,
+               "policy": self.stopping_policy if end.reason == "policy" else None, "stop_reason": stop_reason}
+        if self.prompt is not None and self.prompt.path:
+            out["scoring_path"] = self.prompt.path  # which llama.cpp path scored the prompt
+        return json_safe(out)
 
     # ---- the whole choice, for a non-streaming reply
     def choice(self) -> dict[str, Any]:

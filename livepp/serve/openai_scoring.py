@@ -34,6 +34,7 @@ class ScoredPrompt:
     first: int = 1  # the first scored position
     scores: dict[int, PositionScore] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)  # token id -> its own text, for scored tokens and alternatives
+    path: str | None = None  # which path scored it, where an engine has several (llama.cpp: batched or --exact)
 
     @property
     def complete(self) -> bool:
