@@ -168,9 +168,11 @@ def test_lm_eval_local_completions_equals_its_own_hf_backend(server, harness, lo
     options = {"tokenizer": str(tmp_path)} if backend == "huggingface" else {}
     if backend == "huggingface":
         loaded.tokenizer.save_pretrained(tmp_path)
+    # lm-eval's API models keep max_length - 1 tokens (one for generation) and roll windows of max_length - 2
+    # predicted tokens; its HF backend rolls windows of max_length: 514 here is 512 there.
     api = LocalCompletionsAPI(base_url=f"http://127.0.0.1:{server.port}/v1/completions", model=MODEL, tokenizer_backend=backend,
-                              max_length=512, num_concurrent=1, max_retries=1, **options)
-    text = (GPL.read_text() if GPL.is_file() else TEXT * 40)[:3000]
+                              max_length=514, num_concurrent=1, max_retries=1, **options)
+    text = (GPL.read_text() if GPL.is_file() else TEXT * 40)[:6000]  # three windows
     pairs = [(c, t) for c, t in PAIRS if c] + [("", "Hello world")]
     want = harness.loglikelihood(_requests("loglikelihood", [p for p in pairs if p[0]]), disable_tqdm=True)
     got = api.loglikelihood(_requests("loglikelihood", [p for p in pairs if p[0]]), disable_tqdm=True)
