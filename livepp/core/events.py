@@ -83,6 +83,11 @@ class TokenRecord:
     # Text an intervention appended (an ``inject`` policy), not generated:
     # shown, but counted in no statistic.
     injected: bool = False
+    # A stream that sends only the top-k (a remote engine): the entropy lies
+    # in [low, high] (high None without the vocabulary's size), and the mass
+    # outside the top-k (livepp.core.entropy_bounds).
+    entropy_bounds: tuple[float, float | None] | None = None
+    tail_mass: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +119,8 @@ class TokenEvent:
     type: Literal["token"] = "token"
     varentropy: float | None = None
     injected: bool = False  # appended by an inject policy; not in any statistic
+    entropy_bounds: tuple[float, float | None] | None = None  # a remote stream's: see TokenRecord
+    tail_mass: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,15 +210,15 @@ def to_json_dict(event: Event) -> dict[str, Any]:
         if f.name in ("type", "extra"):
             continue
         value = getattr(event, f.name)
-        if f.name == "injected" and not value:
-            continue  # only injected tokens say so
+        if (f.name == "injected" and not value) or (f.name in ("entropy_bounds", "tail_mass") and value is None):
+            continue  # only injected tokens say so; only streams with a top-k only carry bounds
         if f.name == "top_logprobs":
             value = [
                 {"token_id": t.token_id, "text": t.text, "logprob": _json_float(t.logprob)}
                 for t in value
             ]
-        elif f.name == "prompt_token_ids":
-            value = list(value)
+        elif f.name in ("prompt_token_ids", "entropy_bounds"):
+            value = [_json_float(v) if isinstance(v, float) else v for v in value]
         elif isinstance(value, float):
             value = _json_float(value)
         out[f.name] = value

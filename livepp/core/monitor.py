@@ -240,4 +240,6 @@ class Monitor:
             group_confidence=tracker.group_confidence,
             surprise_z=tracker.surprise_z,
             varentropy=record.varentropy,
+            entropy_bounds=record.entropy_bounds,
+            tail_mass=record.tail_mass,
         )

@@ -34,20 +34,19 @@ and the engine's own word is kept in ``engine_finish_reason``.
 
 from __future__ import annotations
 
-import codecs
 import copy
 import dataclasses
 import functools
 import os
 import http.client
 import json
-import math
 import socket
 from collections import deque
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from livepp.core.events import TokenRecord, TopLogprob
+from livepp.core.events import TokenRecord
+from livepp.engines.openai_chunks import ChunkParser, map_finish_reason
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import SequentialBatch
 from livepp.engines.protocol import Prompt, chat_messages, check_prompt
@@ -81,6 +80,7 @@ class OpenAIEngine:
         api: str = "chat",
         api_key: str | None = None,
         timeout: float = 60.0,
+        vocab_size: int | None = None,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -94,6 +94,8 @@ class OpenAIEngine:
         self.api = api
         self.api_key = api_key
         self.timeout = timeout
+        # The engine's vocabulary size, for the entropy's upper bound (None: no upper bound).
+        self.vocab_size = vocab_size
 
     def request_body(self, prompt: Prompt, params: GenerationParams) -> dict[str, Any]:
         k = min(max(params.top_logprobs, params.confidence_k), 20)
@@ -181,12 +183,11 @@ class OpenAIStream:
         self.finish_reason: str | None = None
         self.engine_finish_reason: str | None = None
         self.prompt_token_ids: tuple[int, ...] = ()  # these APIs send no prompt ids
-        self.received = 0
+        self.parser = ChunkParser(source.api, top_k=top_k, text_only=text_only, vocab_size=source.vocab_size)
         self._conn: http.client.HTTPConnection | None = None
         self._response: http.client.HTTPResponse | None = None
         self._sock: socket.socket | None = None
         self._pending: deque[TokenRecord] = deque()
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._finished = False
         self._aborted = False
 
@@ -223,7 +224,7 @@ class OpenAIStream:
             detail = self._response.read(2000).decode("utf-8", "replace").strip()
             self._fail_closed()
             raise RemoteError(f"HTTP {status} from {where}: {detail or self._response.reason}", status=status,
-                              upstream=_upstream_error(detail))
+                              upstream=upstream_error(detail))
         kind = (self._response.getheader("Content-Type") or "").split(";")[0].strip().lower()
         if kind != "text/event-stream":
             self._fail_closed()
@@ -268,7 +269,7 @@ class OpenAIStream:
         for line in raw.split(b"\n"):
             if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
                 try:
-                    n += len(self._records(json.loads(line[5:]), count_only=True))
+                    n += self.parser.count(json.loads(line[5:]))
                 except (ValueError, KeyError, TypeError):
                     pass
         return n
@@ -299,7 +300,7 @@ class OpenAIStream:
                 line = b""  # our own abort() woke the read
             else:
                 self._fail_closed()
-                raise RemoteError(f"the stream from {where} broke off after {self.received} tokens ({type(exc).__name__}: {exc})") from None
+                raise RemoteError(f"the stream from {where} broke off after {self.parser.received} tokens ({type(exc).__name__}: {exc})") from None
         if not line:
             self._finished = True
             self._flush_utf8()
@@ -310,7 +311,7 @@ class OpenAIStream:
                 # Closed before [DONE] and before any finish reason: the
                 # engine died or the connection dropped. What arrived is kept.
                 self._shut()
-                raise RemoteError(f"the stream from {where} ended after {self.received} tokens without [DONE] or a finish reason")
+                raise RemoteError(f"the stream from {where} ended after {self.parser.received} tokens without [DONE] or a finish reason")
             return
         line = line.strip()
         if not line.startswith(b"data:"):
@@ -329,10 +330,12 @@ class OpenAIStream:
             self._fail_closed()
             raise RemoteError(f"error from {where}: {chunk['error']}")
         try:
-            self._pending.extend(self._records(chunk))
+            self._pending.extend(self.parser.records(chunk))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             self._fail_closed()
             raise RemoteError(f"malformed chunk from {where} ({exc}): {payload[:200]!r}") from None
+        self.finish_reason = self.parser.finish_reason
+        self.engine_finish_reason = self.parser.engine_finish_reason
         if self.finish_reason is not None:
             # The engine has said its last token; what follows ([DONE], a
             # usage chunk) carries none, so the stream is complete here.
@@ -342,59 +345,10 @@ class OpenAIStream:
     def _flush_utf8(self) -> None:
         # Bytes of a character the engine never finished come out as U+FFFD
         # on the last token rather than vanish.
-        rest = self._utf8.decode(b"", final=True)
+        rest = self.parser.flush()
         if rest and self._pending:
             last = self._pending.pop()
             self._pending.append(dataclasses.replace(last, text=last.text + rest))
-
-    def _records(self, chunk: dict[str, Any], *, count_only: bool = False) -> list[Any]:
-        choices = chunk.get("choices") or []
-        if not choices:
-            return []  # e.g. a usage-only chunk
-        choice = choices[0]
-        finish = choice.get("finish_reason")
-        if finish and not count_only:
-            # Often on a last chunk that carries no token; the monitor reads it here.
-            self.finish_reason = map_finish_reason(finish)
-            self.engine_finish_reason = str(finish)
-        if self.text_only:
-            delta = choice.get("delta") or {}
-            content = delta.get("content") if self.source.api == "chat" else choice.get("text")
-            if count_only:
-                return [content] if content else []
-            self.received += 1 if content else 0
-            return [TokenRecord(token_id=-1, text=content, logprob=math.nan)] if content else []
-        logprobs = choice.get("logprobs") or {}
-        if self.source.api == "chat":
-            items = [
-                (e.get("token", ""), e.get("bytes"), e["logprob"], [(t.get("token", ""), t.get("bytes"), t["logprob"]) for t in e.get("top_logprobs") or []])
-                for e in (logprobs.get("content") or [])
-            ]
-        else:
-            tops = logprobs.get("top_logprobs") or []
-            items = [
-                (tok, None, lp, sorted(((t, None, v) for t, v in (tops[i] or {}).items()), key=lambda x: -x[2]) if i < len(tops) else [])
-                for i, (tok, lp) in enumerate(zip(logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []))
-            ]
-        if count_only:
-            return items
-        self.received += len(items)
-        records = []
-        for i, (token, raw_bytes, lp, top) in enumerate(items):
-            text = self._utf8.decode(bytes(raw_bytes)) if raw_bytes is not None else token
-            top_sorted = sorted(top, key=lambda x: -x[2])
-            conf = -sum(x[2] for x in top_sorted) / len(top_sorted) if top_sorted else None
-            last = i == len(items) - 1
-            records.append(TokenRecord(
-                token_id=-1,
-                text=text,
-                logprob=float(lp),
-                entropy=None,
-                top_logprobs=tuple(TopLogprob(-1, t, float(v)) for t, _, v in top_sorted[: self.top_k]),
-                confidence=conf,
-                finish_reason=map_finish_reason(finish) if last else None,
-            ))
-        return records
 
 
 def _shutdown(sock: socket.socket | None) -> None:
@@ -407,10 +361,7 @@ def _shutdown(sock: socket.socket | None) -> None:
         pass  # already gone
 
 
-_FINISH = {"stop": "eos", "eos": "eos", "tool_calls": "eos", "function_call": "eos", "length": "length"}
-
-
-def _upstream_error(detail: str) -> dict[str, Any] | None:
+def upstream_error(detail: str) -> dict[str, Any] | None:
     """The ``error`` object of an OpenAI-shaped error body, if it is one."""
     try:
         data = json.loads(detail)
@@ -421,9 +372,3 @@ def _upstream_error(detail: str) -> dict[str, Any] | None:
         return {"message": error}
     return error if isinstance(error, dict) and isinstance(error.get("message"), str) else None
 
-
-def map_finish_reason(reason: str | None) -> str | None:
-    """An engine's finish reason in livepp's contract (see the module docstring)."""
-    if not reason:
-        return None
-    return _FINISH.get(str(reason), "error")

@@ -118,21 +118,37 @@ class OpenAIApi:
             raise openai_error(exc) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Any, Any]] = asyncio.Queue()
+        if getattr(engine, "kind", None) == "openai":
+            # A gateway: the upstream streams are read in this event loop.
+            def put(row: int | None, item: Any) -> None:
+                events.put_nowait((row, item))
 
-        def emit(row: int | None, item: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (row, item))
+            async def upstream() -> None:
+                failure: BaseException | None = None
+                try:
+                    await self._generate_remote(job, engine, kind, req, put)
+                except BaseException as exc:  # noqa: BLE001 - reported to the client
+                    failure = exc
+                finally:
+                    service.release(job)  # the generation has ended, read or not
+                    put(_END, failure)
 
-        def work(job: Job) -> None:
-            failure: BaseException | None = None
-            try:
-                self._generate(job, kind, req, emit)
-            except BaseException as exc:  # noqa: BLE001 - reported to the client
-                failure = exc
-            finally:
-                emit(_END, failure)
+            job.done = loop.create_task(upstream())
+        else:
+            def emit(row: int | None, item: Any) -> None:
+                loop.call_soon_threadsafe(events.put_nowait, (row, item))
 
-        # The slot is freed (release) when the generation ends, not when the client has read it.
-        service.run_job(job, work, on_end=lambda: None)
+            def work(job: Job) -> None:
+                failure: BaseException | None = None
+                try:
+                    self._generate(job, kind, req, emit)
+                except BaseException as exc:  # noqa: BLE001 - reported to the client
+                    failure = exc
+                finally:
+                    emit(_END, failure)
+
+            # The slot is freed (release) when the generation ends, not when the client has read it.
+            service.run_job(job, work, on_end=lambda: None)
         answer = _Answer(service, req, job, events)
         watcher = loop.create_task(_stop_on_disconnect(request, job))
         try:
@@ -165,6 +181,31 @@ class OpenAIApi:
         except BaseException:
             self.service.release(job)
             raise
+
+    async def _generate_remote(self, job: Job, engine: Any, kind: str, req: ParsedRequest, put: Callable[[Any, Any], None]) -> None:
+        """Event loop: every choice one upstream stream, read together, each monitored."""
+        from livepp.api import prompt_rows
+        from livepp.serve.gateway import monitored
+
+        service = self.service
+        rows, row_params = prompt_rows(req.prompts, req.n, req.params)
+        specs = list(service.config.default_policies) + req.policies
+        streams, runs = [], []
+        for i, (prompt, params) in enumerate(zip(rows, row_params)):
+            stream = service.upstream.open(engine, prompt, params, top_k=params.top_logprobs)
+            streams.append(stream)
+            job.streams.append(stream)  # a stop (cancel, client gone, shutdown) aborts it
+            metrics = service.metrics.sink(job.id if len(rows) == 1 else f"{job.id}/{i}", kind, job.accepted_at)
+            monitor = Monitor(policies=[parse_policy(s) for s in specs], sinks=[_Emit(put, i), metrics], keep_events=False,
+                              tracker_factory=lambda: Tracker(window=req.window), steps=req.steps)
+            session = monitor.session(model=engine.name, params=params.to_dict() | {"window": req.window}, engine=engine.kind)
+            runs.append(monitored(stream, session, lambda: job.stop_reason))
+        try:
+            await asyncio.gather(*runs)
+        finally:
+            for stream in streams:
+                if stream.finish_reason is None:
+                    stream.abort()  # a failed sibling ends the request: its other streams stop too
 
     def _generate(self, job: Job, kind: str, req: ParsedRequest, emit: Callable[[Any, Any], None]) -> None:
         """Worker thread: decode every choice, monitored; events go to ``emit``."""

@@ -10,7 +10,8 @@ adds sits under ``livepp`` keys, which OpenAI clients carry through untouched:
   (the SDK's ``extra_body``);
 * each token's chunk: ``choices[i].livepp`` = that token's statistics
   (``index, token_id, logprob, entropy, varentropy, ppl, window_ppl, mean_nll,
-  confidence, group_confidence, surprise_z``), exactly the ``token`` event of
+  confidence, group_confidence, surprise_z``, and through a gateway
+  ``entropy_bounds`` and ``tail_mass``), exactly the ``token`` event of
   ``livepp generate --json``;
 * a policy or step event: a chunk with an empty delta and ``livepp.event``;
 * the last chunk of a choice: ``livepp: {"ppl", "mean_nll", "n_tokens", "reason",
@@ -207,7 +208,10 @@ def _token_entry(event: TokenEvent, top: int) -> dict[str, Any]:
 
 
 def token_stats(event: TokenEvent) -> dict[str, Any]:
-    return json_safe({name: getattr(event, name) for name in TOKEN_STATS})
+    stats = {name: getattr(event, name) for name in TOKEN_STATS}
+    if event.entropy_bounds is not None:  # a gateway's token: the entropy is unknown, bounded
+        stats["entropy_bounds"], stats["tail_mass"] = list(event.entropy_bounds), event.tail_mass
+    return json_safe(stats)
 
 
 class ChoiceBuilder:

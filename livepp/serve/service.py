@@ -103,6 +103,11 @@ class Service:
                     raise  # e.g. a cache that cannot be batched: the message says to serve it with --max-batch 1
                 # --max-batch 1 of such a model: its steps go through the runner.
         self.engine = engine
+        self.upstream: Any = None
+        if getattr(engine, "kind", None) == "openai":  # a gateway: one pooled client for the upstream engine
+            from livepp.serve.gateway import Upstream
+
+            self.upstream = Upstream(max_connections=config.max_running_jobs)
         for spec in config.default_policies:
             parse_policy(spec)  # a bad default is the operator's error, now
         self.metrics = ServerMetrics(self.status)
@@ -226,6 +231,8 @@ class Service:
     async def close(self) -> None:
         """Free the engine once no request runs."""
         self.runner.shutdown()
+        if self.upstream is not None:
+            await self.upstream.close()
         if self.scheduler is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close)
         self.workers.shutdown(wait=False, cancel_futures=True)
