@@ -98,13 +98,21 @@ class Replay:
         self.started: list[str] = []
         self.finished: list[str] = []
         self.disconnected: list[str] = []
+        self.sent: dict[str, list[float]] = {}  # each stream's send times (time.monotonic), for latency
+        self.record_times = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         if scope["method"] == "GET" and scope["path"] == "/stats":
-            body = json.dumps({"started": self.started, "finished": self.finished, "disconnected": self.disconnected}).encode()
+            body = json.dumps({"started": self.started, "finished": self.finished, "disconnected": self.disconnected,
+                               "sent": self.sent}).encode()
             await _answer(send, 200, body)
+            return
+        if scope["method"] == "POST" and scope["path"] == "/reset":
+            self.started, self.finished, self.disconnected, self.sent = [], [], [], {}
+            self.record_times = True
+            await _answer(send, 200, b"{}")
             return
         body = b""
         while True:
@@ -134,6 +142,7 @@ class Replay:
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         loop = asyncio.get_running_loop()
         due = loop.time()
+        times = self.sent.setdefault(name, []) if self.record_times else None
         try:
             for chunk in self.chunks.stream(chat, n):
                 if gone.is_set():
@@ -144,6 +153,8 @@ class Replay:
                     delay = due - loop.time()
                     if delay > 0:
                         await asyncio.sleep(delay)
+                if times is not None:
+                    times.append(time.monotonic())
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             tail = (self.chunks.usage(chat, n) if (request.get("stream_options") or {}).get("include_usage") else b"") + b"data: [DONE]\n\n"
             await send({"type": "http.response.body", "body": tail, "more_body": False})

@@ -39,9 +39,21 @@ __all__ = ["serve_cmd"]
               help="A policy every request runs (repeatable), besides its own, e.g. 'early-stop:threshold=8,metric=window_ppl'.")
 @click.option("--send-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, metavar="SECONDS",
               help="A client that takes nothing for this long while output waits for it is disconnected and its requests cancelled.")
+@click.option("--max-jobs", type=click.IntRange(min=1), default=None,
+              help="Requests running at once, all connections (past it: busy / HTTP 429). Default: 32 or the batch plus its queue "
+                   "with a local model; 512 with --remote.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=None,
+              help="Websocket connections at once (HTTP connections: twice this, plus --max-jobs). Default: 64 with a local model; 1024 "
+                   "with --remote.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --remote: this many gateway processes on the one port, /metrics and /status covering them all.")
+@click.option("--vocab-size", type=click.IntRange(min=2), default=None,
+              help="With --remote: the engine's vocabulary size, for the upper bound of remote tokens' entropy (default: asked of the "
+                   "engine's /tokenizer_info, else none).")
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
-              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, send_timeout, engine_kind, device, dtype) -> None:
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, send_timeout, max_jobs, max_connections,
+              workers, vocab_size, engine_kind, device, dtype) -> None:
     """Serve the live page at / , the websocket API at /ws, the
     OpenAI-compatible API at /v1 and /healthz. With --remote, a monitoring
     gateway: /v1 requests go on to that engine, each one monitored, stoppable
@@ -52,6 +64,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
       livepp serve                      # then open http://127.0.0.1:8765/
       livepp serve --port 0 --token s3cret
       livepp serve --remote http://127.0.0.1:8000/v1 --remote-model qwen --policy early-stop:threshold=8
+      livepp serve --remote http://gpu-box:8000/v1 --remote-model qwen --workers 2 --host 0.0.0.0 --token "$T"
     """
     from livepp.cli.common import fail as _fail
 
@@ -64,10 +77,13 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             if not allowed_hosts:
                 click.echo("livepp: note: requests must name the server as localhost, 127.0.0.1 or the bound address in their Host header; "
                            "add the names clients use with --allow-host", err=True)
+        if workers > 1 and remote is None:
+            raise LiveppError("--workers runs several gateway processes: it goes with --remote (a local model lives in one process)")
         if remote is not None:
-            from livepp.engines.remote import source_from_options
+            from livepp.engines.remote import probe_vocab_size, source_from_options
 
             engine: Any = source_from_options(remote, remote_model, api_key_env=api_key_env)
+            engine.vocab_size = vocab_size or probe_vocab_size(engine)
             name = f"{remote_model} at {remote}"
         else:
             engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
@@ -78,8 +94,17 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
         config = ServerConfig(host=host, port=port, token=token, max_new_tokens_cap=max_new_tokens_cap,
                               max_requests_per_connection=max_requests_per_connection, allowed_origins=tuple(allowed_origins),
                               allowed_hosts=tuple(allowed_hosts), calibration=calibration, max_batch=max_batch, max_queue=max_queue,
-                              prefill_chunk=prefill_chunk, max_running_jobs=max(32, max_batch + max_queue),
-                              default_policies=tuple(policy_specs), send_timeout=send_timeout)
+                              prefill_chunk=prefill_chunk, default_policies=tuple(policy_specs), send_timeout=send_timeout,
+                              max_running_jobs=max_jobs or (512 if remote is not None else max(32, max_batch + max_queue)),
+                              max_connections=max_connections or (1024 if remote is not None else 64))
+        if workers > 1:
+            from livepp.serve.workers import serve_workers
+
+            serve_workers(engine, config, workers, ready=lambda bound: click.echo(
+                f"livepp: serving {name} on http://{host}:{bound}/ ({workers} gateway workers; OpenAI API /v1, websocket /ws, "
+                "health /healthz, metrics /metrics); Ctrl-C stops", err=True))
+            click.echo("livepp: stopped", err=True)
+            return
         server = LiveppServer(engine, config)
         batching = f"continuous batching of up to {max_batch}, queue {max_queue}" if server.scheduler is not None else "one request step at a time"
 

@@ -51,7 +51,7 @@ from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import SequentialBatch
 from livepp.engines.protocol import Prompt, chat_messages, check_prompt
 
-__all__ = ["OpenAIStream", "OpenAIEngine", "RemoteError", "source_from_options", "map_finish_reason"]
+__all__ = ["OpenAIStream", "OpenAIEngine", "RemoteError", "source_from_options", "probe_vocab_size", "map_finish_reason", "upstream_error"]
 
 
 class RemoteError(LiveppError):
@@ -169,6 +169,24 @@ def source_from_options(
         if not api_key:
             raise LiveppError(f"--api-key-env: environment variable {api_key_env} is not set")
     return OpenAIEngine(url, model, api=api, api_key=api_key, timeout=timeout)
+
+
+def probe_vocab_size(engine: OpenAIEngine) -> int | None:
+    """The engine's vocabulary size from its ``/tokenizer_info`` (livepp
+    serve's, and engines that say it), or None; never an error."""
+    url = engine.base_url[: -len("/v1")] if engine.base_url.endswith("/v1") else engine.base_url
+    conn_cls = http.client.HTTPSConnection if engine.url.scheme == "https" else http.client.HTTPConnection
+    try:
+        conn = conn_cls(engine.url.hostname, engine.url.port, timeout=min(engine.timeout, 5.0))
+        headers = {"Authorization": f"Bearer {engine.api_key}"} if engine.api_key else {}
+        conn.request("GET", urlsplit(url).path + "/tokenizer_info", headers=headers)
+        response = conn.getresponse()
+        data = json.loads(response.read()) if response.status == 200 else {}
+        conn.close()
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    size = data.get("vocab_size") if isinstance(data, dict) else None
+    return size if isinstance(size, int) and size > 1 else None
 
 
 class OpenAIStream:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 from livepp.serve.service import Service
 
-__all__ = ["serve_forever", "Interrupts", "MAX_HEAD_BYTES"]
+__all__ = ["serve_forever", "listen", "Interrupts", "MAX_HEAD_BYTES"]
 
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -169,6 +169,16 @@ class _Uvicorn:
         return Server(config)
 
 
+async def _publish(server: Service) -> None:
+    """A worker of several: its live requests for the others' /status, four times a second."""
+    while True:
+        try:
+            server.metrics.publish()
+        except OSError:
+            pass  # the shared directory is going away: the service is stopping
+        await asyncio.sleep(0.25)
+
+
 async def _shut_down(server: Service, paused: set[Any]) -> None:
     """Stop every request; give their last messages up to ``shutdown_grace``
     to reach clients that read; drop the connections that do not (paused
@@ -188,7 +198,7 @@ async def _shut_down(server: Service, paused: set[Any]) -> None:
         connection.transport.abort()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -206,9 +216,12 @@ async def serve_forever(
     *,
     ready: Callable[[int], Any] | None = None,
     stop: asyncio.Event | None = None,
+    sock: socket.socket | None = None,
+    signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM),
 ) -> None:
-    """Serve until ``stop`` is set (or SIGINT/SIGTERM), then shut down as the
-    module docstring says. ``ready(port)`` is called once listening."""
+    """Serve until ``stop`` is set (or one of ``signals``), then shut down as
+    the module docstring says. ``ready(port)`` is called once listening;
+    ``sock``: a socket bound already (one that several worker processes share)."""
     import uvicorn
 
     from livepp.serve.http_app import create_app
@@ -217,13 +230,14 @@ async def serve_forever(
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     interrupts = Interrupts(stop)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in signals:
         try:
             loop.add_signal_handler(sig, interrupts)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread (tests) or not supported here
     http, ws, paused = _protocols(config.send_timeout, config.request_timeout)
-    sock = _listen(config.host, config.port)
+    own_socket = sock is None
+    sock = sock or listen(config.host, config.port)
     uv = _Uvicorn.make(uvicorn.Config(
         create_app(server), http=http, ws=ws, lifespan="off", log_level="warning", access_log=False,
         # Frames above ws_max_size close the connection at the protocol level; the
@@ -242,9 +256,12 @@ async def serve_forever(
             return
         if ready is not None:
             ready(sock.getsockname()[1])
+        publishing = asyncio.create_task(_publish(server)) if server.metrics.shared_dir else None
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        if publishing is not None:
+            publishing.cancel()
         await _shut_down(server, paused)
         uv.should_exit = True
         await serving
@@ -253,4 +270,5 @@ async def serve_forever(
             uv.should_exit = True
             await serving
         await server.close()
-        sock.close()
+        if own_socket:
+            sock.close()

@@ -74,6 +74,8 @@ class ServerConfig:
     # Shutdown: running requests stop at once; their last messages get this
     # long to reach clients that read, then every connection is closed.
     shutdown_grace: float = 5.0
+    # serve --workers: the directory the workers share their metrics and live requests in.
+    shared_dir: str | None = None
 
 
 def host_name(host_header: str) -> str:
@@ -110,7 +112,7 @@ class Service:
             self.upstream = Upstream(max_connections=config.max_running_jobs)
         for spec in config.default_policies:
             parse_policy(spec)  # a bad default is the operator's error, now
-        self.metrics = ServerMetrics(self.status)
+        self.metrics = ServerMetrics(self.status, shared_dir=config.shared_dir)
         self.runner = ModelRunner()
         self.jobs: set[Job] = set()
         self.sessions: set[Any] = set()  # open websocket sessions
