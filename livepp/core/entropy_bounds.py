@@ -22,6 +22,7 @@ all the mass (m = 0), and ``tail_mass`` = m is reported beside them.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 __all__ = ["entropy_bounds"]
@@ -36,17 +37,21 @@ def entropy_bounds(top: Sequence[float], *, vocab_size: int | None = None, chose
 
     ``top``: the top-k logprobs (any order); ``chosen``: the chosen token's
     logprob when it is not among them."""
-    probs = [math.exp(v) for v in top if v > -math.inf]
-    if not probs:
+    exp = math.exp
+    logprobs = [v for v in top if v > -math.inf]
+    top_probs = [exp(v) for v in logprobs]
+    known, known_lp = top_probs, logprobs
+    if chosen is not None and chosen > -math.inf:
+        known, known_lp = [*top_probs, exp(chosen)], [*logprobs, chosen]
+    if not known:
         return 0.0, (math.log(vocab_size) if vocab_size else None), 1.0
-    known = [*probs, math.exp(chosen)] if chosen is not None and chosen > -math.inf else probs
-    h_known = math.fsum(_h(p) for p in known)
-    tail = 1.0 - math.fsum(known)
+    h_known = -sum(map(operator.mul, known, known_lp))  # −p log p from the logprob: no log of a tiny p
+    tail = 1.0 - sum(known)
     if tail <= 1e-12:  # the top-k (with the chosen token) holds everything: H is known
         return h_known, h_known, max(tail, 0.0)
-    smallest = min(probs)
+    smallest = min(top_probs) if top_probs else tail  # each tail token is at most the least likely of the top-k
     full = math.floor(tail / smallest)
     low = full * _h(smallest) + _h(tail - full * smallest)
-    others = (vocab_size - len(known)) if vocab_size else 0
+    others = vocab_size - len(known) if vocab_size else 0
     high = h_known + tail * math.log(others / tail) if others > 0 else None
     return h_known + low, high, tail

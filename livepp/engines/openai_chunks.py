@@ -101,7 +101,7 @@ class ChunkParser:
 
     def _record(self, token: str, text: str, logprob: float, top: list[tuple[str, float]], finish: str | None) -> TokenRecord:
         values = [v for _, v in top]
-        confidence = -math.fsum(values) / len(values) if values else None
+        confidence = -sum(values) / len(values) if values else None
         bounds = tail = None
         if values:
             # The chosen token counts as known mass when the top-k does not hold it.

@@ -20,9 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
-from livepp.core.events import dumps
 from livepp.serve.access import AccessMiddleware
-from livepp.serve.openai_api import OpenAIApi, error_response, openai_error
+from livepp.serve.openai_api import OpenAIApi, OrjsonResponse, error_response, openai_error
 from livepp.core.params import LiveppError
 from livepp.serve.openai_models import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, DetokenizeRequest, ErrorResponse,
                                         ModelCard, ModelList, TokenizeRequest)
@@ -44,13 +43,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _page() -> str:
     return resources.files("livepp.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-
-
-class _Json(JSONResponse):
-    """livepp's JSON: strict (no NaN/Infinity), UTF-8 kept."""
-
-    def render(self, content: Any) -> bytes:
-        return (dumps(content) + "\n").encode("utf-8")
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
@@ -88,7 +80,7 @@ def create_app(service: "Service") -> FastAPI:
 
     api = OpenAIApi(service)
     page = _page()
-    app = FastAPI(title="livepp", version=version("livepp"), docs_url=None, redoc_url=None, default_response_class=_Json,
+    app = FastAPI(title="livepp", version=version("livepp"), docs_url=None, redoc_url=None, default_response_class=OrjsonResponse,
                   description="Perplexity, live: an OpenAI-compatible API whose answers carry each token's statistics, "
                               "a websocket API (/ws) and a live page (/).")
 

@@ -20,11 +20,12 @@ import traceback
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
+import orjson
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from livepp.core.batch_monitor import MonitoredBatch
-from livepp.core.events import Event, TokenEvent, dumps
+from livepp.core.events import Event, TokenEvent
 from livepp.core.monitor import Monitor
 from livepp.core.params import DEFAULT_MAX_NEW_TOKENS, EngineBusy, LiveppError, PromptTooLong
 from livepp.core.policies import parse_policy
@@ -38,7 +39,7 @@ from livepp.serve.openai_scoring import ScoredPrompt
 if TYPE_CHECKING:
     from livepp.serve.service import Service
 
-__all__ = ["OpenAIApi", "openai_error", "error_response"]
+__all__ = ["OpenAIApi", "OrjsonResponse", "openai_error", "error_response"]
 
 # The websocket API's parameter names as the OpenAI API calls them.
 _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "policies": "livepp.policies"}
@@ -67,6 +68,13 @@ def openai_error(exc: BaseException, *, prompt_param: str = "messages") -> OpenA
     if isinstance(exc, LiveppError):
         return OpenAIError(400, str(exc))
     return OpenAIError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="internal")
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON written by orjson: fast, UTF-8 kept, NaN and infinity as null (JSON has neither)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content) + b"\n"
 
 
 def error_response(error: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -296,20 +304,27 @@ class _Answer:
         self.started = False  # a token has come: the stream may start
 
     def _chunk(self, part: dict[str, Any]) -> bytes:
-        return b"data: " + dumps(self.head_fields | part).encode("utf-8") + b"\n\n"
+        # orjson: fast, UTF-8 kept, and NaN or infinity written as null (JSON has neither).
+        return b"data: " + orjson.dumps(self.head_fields | part) + b"\n\n"
 
-    async def _next(self) -> bool:
-        """Take one event into the builders; False once the generation has ended."""
-        row, item = await self.events.get()
+    def _take(self, row: Any, item: Any) -> None:
         if row is _END:
             self.ended, self.failure = True, item
-            return False
+            return
         part = self.builders[row].on_event(item)
         if part is not None and self.req.stream:
             self.pending.append(self._chunk({"choices": [part]}))
             if isinstance(item, TokenEvent):
                 self.started = True
-        return True
+
+    async def _next(self) -> bool:
+        """Take the next event into the builders, and every other one already
+        waiting (a client behind gets them in one write); False once the
+        generation has ended."""
+        self._take(*await self.events.get())
+        while not self.ended and not self.events.empty():
+            self._take(*self.events.get_nowait())
+        return not self.ended
 
     async def head(self) -> Response:
         headers = {"X-Request-Id": self.job.id}
@@ -319,7 +334,7 @@ class _Answer:
             return self._error_response(headers)
         if not self.req.stream:
             body = self.head_fields | {"choices": [b.choice() for b in self.builders], "usage": usage(self.builders, self.req.n)}
-            return JSONResponse(body, headers=headers)
+            return OrjsonResponse(body, headers=headers)
         return StreamingResponse(self._stream(), media_type="text/event-stream", headers=headers | {"Cache-Control": "no-cache"})
 
     def _error_response(self, headers: dict[str, str]) -> JSONResponse:
@@ -335,23 +350,23 @@ class _Answer:
         self.service.streaming += 1
         try:
             if self.req.kind == "chat":
-                for b in self.builders:
-                    yield self._chunk({"choices": [{"index": b.index, "delta": {"role": "assistant", "content": ""},
-                                                    "logprobs": None, "finish_reason": None}]})
+                self.pending[:0] = [self._chunk({"choices": [{"index": b.index, "delta": {"role": "assistant", "content": ""},
+                                                              "logprobs": None, "finish_reason": None}]}) for b in self.builders]
             while True:
-                while self.pending:
-                    yield self.pending.pop(0)
-                if self.ended or not await self._next():
+                if self.pending:
+                    out = b"".join(self.pending)
+                    self.pending.clear()
+                    yield out
+                if self.ended:
                     break
-            while self.pending:
-                yield self.pending.pop(0)
+                await self._next()
             if self.failure is not None:
                 if not isinstance(self.failure, Exception):
                     raise self.failure
                 error = openai_error(self.failure, prompt_param="messages" if self.req.kind == "chat" else "prompt")
                 if error.status >= 500 and error.code == "internal":
                     traceback.print_exception(self.failure, file=sys.stderr)
-                yield b"data: " + dumps(error.body()).encode("utf-8") + b"\n\n"
+                yield b"data: " + orjson.dumps(error.body()) + b"\n\n"
                 return
             if self.req.include_usage:
                 yield self._chunk({"choices": [], "usage": usage(self.builders, self.req.n)})

@@ -210,8 +210,8 @@ def _token_entry(event: TokenEvent, top: int) -> dict[str, Any]:
 def token_stats(event: TokenEvent) -> dict[str, Any]:
     stats = {name: getattr(event, name) for name in TOKEN_STATS}
     if event.entropy_bounds is not None:  # a gateway's token: the entropy is unknown, bounded
-        stats["entropy_bounds"], stats["tail_mass"] = list(event.entropy_bounds), event.tail_mass
-    return json_safe(stats)
+        stats["entropy_bounds"], stats["tail_mass"] = event.entropy_bounds, event.tail_mass
+    return stats  # written by orjson, which writes NaN and infinity as null
 
 
 class ChoiceBuilder:
