@@ -223,6 +223,9 @@ class ChoiceBuilder:
         self.gate = ContentGate(request.params.stop)
         self.text = ""
         self.offset = 0
+        # What only a whole (non-streamed) answer carries is kept only for one: a stream's memory stays flat.
+        self.keep = not request.stream
+        self.n_tokens = 0
         self.tokens: list[dict[str, Any]] = []  # livepp stats per token
         self.entries: list[dict[str, Any]] = []  # chat logprobs entries
         self.completion_logprobs: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -258,8 +261,9 @@ class ChoiceBuilder:
         logprobs = None
         if req.echo and req.logprobs:
             logprobs = echo_logprobs(prompt, req.top_logprobs)
-            for key, values in logprobs.items():
-                self.completion_logprobs[key].extend(values)
+            if self.keep:
+                for key, values in logprobs.items():
+                    self.completion_logprobs[key].extend(values)
         self.offset = len(prompt.text) if req.echo else 0
         part = self._part(prompt.text if req.echo else "", logprobs, None)
         if req.prompt_logprobs is not None:
@@ -269,12 +273,15 @@ class ChoiceBuilder:
     def _token(self, event: TokenEvent) -> dict[str, Any]:
         text = self.gate.feed(event.text)
         stats = token_stats(event)
-        self.tokens.append(stats)
+        self.n_tokens += 1
+        if self.keep:
+            self.tokens.append(stats)
         logprobs = None
         if self.request.logprobs:
             if self.kind == "chat":
                 entry = _token_entry(event, self.request.top_logprobs)
-                self.entries.append(entry)
+                if self.keep:
+                    self.entries.append(entry)
                 logprobs = {"content": [entry]}
             else:
                 top = {}
@@ -285,8 +292,9 @@ class ChoiceBuilder:
                 top.setdefault(own, event.logprob)
                 piece = {"tokens": [event.text], "token_logprobs": [event.logprob], "top_logprobs": [top],
                          "text_offset": [self.offset]}
-                for key, values in piece.items():
-                    self.completion_logprobs[key].extend(values)
+                if self.keep:
+                    for key, values in piece.items():
+                        self.completion_logprobs[key].extend(values)
                 logprobs = piece
         self.offset += len(event.text)
         return self._part(text, logprobs, stats)
@@ -334,7 +342,7 @@ class ChoiceBuilder:
 def usage(choices: list[ChoiceBuilder], n: int) -> dict[str, int]:
     """Prompt tokens count each prompt once (not once per sample)."""
     prompt = sum(c.prompt_tokens for c in choices[::n])
-    completion = sum(c.end.n_tokens if c.end else len(c.tokens) for c in choices)
+    completion = sum(c.end.n_tokens if c.end else c.n_tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
