@@ -102,12 +102,16 @@ async def read_streams(base: str, streams: int, tokens: int) -> tuple[int, float
     import aiohttp
 
     arrivals: dict[str, list[float]] = {}
+    refused: list[int] = []
 
     async def one(session, i: int) -> int:
         name = f"s{i}"
         times = arrivals.setdefault(name, [])
         body = {"model": MODEL, "prompt": name, "max_tokens": tokens, "stream": True, "temperature": 0}
         async with session.post(base + "/completions", json=body) as r:
+            if r.status != 200:
+                refused.append(r.status)  # e.g. a gateway whose running-request cap is below this level
+                return 0
             async for line in r.content:
                 if line.startswith(b"data: {"):
                     times.append(time.monotonic())
@@ -116,6 +120,8 @@ async def read_streams(base: str, streams: int, tokens: int) -> tuple[int, float
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         t = time.perf_counter()
         counts = await asyncio.gather(*(one(session, i) for i in range(streams)))
+        if refused:
+            print(f"  ({len(refused)} of {streams} requests refused: HTTP {sorted(set(refused))})")
         return sum(counts), time.perf_counter() - t, arrivals
 
 

@@ -20,8 +20,17 @@ from websockets.sync.client import connect
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 GRACE = 3.0
-# What the service needs (livepp itself comes from the checkout through PYTHONPATH).
-SERVICE_DEPS = ["fastapi>=0.115,<1", "pydantic>=2.7,<3", "uvicorn>=0.35,<1", "httptools>=0.6", "websockets>=14", "prometheus-client>=0.20"]
+# The model side (torch and the rest) is not what the service needs to run a scripted engine.
+MODEL_SIDE = ("torch", "transformers", "gguf", "accelerate", "safetensors", "matplotlib", "numpy")
+
+
+def service_deps() -> list[str]:
+    """pyproject's dependencies but the model side (livepp itself comes from the checkout through PYTHONPATH)."""
+    import re
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if re.split(r"[<>=!\[ ;]", d, maxsplit=1)[0].lower() not in MODEL_SIDE]
 
 
 def python312() -> str | None:
@@ -38,7 +47,7 @@ def interpreters(tmp_path_factory):
     if py312 is not None and sys.version_info[:2] != (3, 12):
         venv = tmp_path_factory.mktemp("py312") / "venv"
         subprocess.run([py312, "-m", "venv", str(venv)], check=True)
-        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *SERVICE_DEPS], capture_output=True, text=True, timeout=600)
+        pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *service_deps()], capture_output=True, text=True, timeout=600)
         assert pip.returncode == 0, pip.stderr[-2000:]
         out["3.12"] = str(venv / "bin" / "python")
     return out
@@ -69,7 +78,11 @@ def test_shutdown_with_stalled_clients_is_prompt(interpreters, version, sig):
                             text=True, env=env)
     sockets = []
     try:
-        port = int(proc.stdout.readline())
+        first = proc.stdout.readline()
+        if not first.strip():
+            proc.wait(10)
+            pytest.fail(f"the server did not start on Python {version}: {proc.stderr.read()[-2000:]}")
+        port = int(first)
         # Clients that read nothing: streamed and whole answers bigger than socket buffers, a websocket...
         sockets = [stalled(port, post({"model": "scripted", "prompt": "big", "max_tokens": 2000, "stream": i % 2 == 0})) for i in range(4)]
         ws = connect(f"ws://127.0.0.1:{port}/ws", max_size=None)
