@@ -18,10 +18,16 @@ __all__ = ["think_cmd"]
 @click.argument("question")
 @click.option("--traces", type=click.IntRange(min=1), default=16, show_default=True, help="Traces in all (warm-up included).")
 @click.option("--warmup", type=click.IntRange(min=1), default=4, show_default=True, help="Online: warm-up traces that set the threshold.")
-@click.option("--eta", type=click.FloatRange(0, 100, min_open=True), default=10, show_default=True,
-              help="Keep the most confident ETA %: 10 = DeepConf-low, 90 = DeepConf-high.")
-@click.option("--group", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Tokens in a group confidence window (the paper's 2048; use fewer for short answers).")
+@click.option("--eta", type=click.FloatRange(0, 100, min_open=True), default=90, show_default=True,
+              help="Keep the most confident ETA %: 90 = DeepConf-high (the reference's default), 10 = DeepConf-low.")
+@click.option("--group", type=click.IntRange(min=1), default=None,
+              help="Tokens in a group confidence window. Default: 1/16 of --max-new-tokens, 8 to 2048 (the paper's 2048 is "
+                   "1/16 of the reference's 32k budget); a window longer than --max-new-tokens can never stop a trace.")
+@click.option("--score", "score_kind", type=click.Choice(["lowest", "tail", "bottom10", "mean"]), default="lowest", show_default=True,
+              help="A trace's score for the vote: lowest group confidence, tail (mean of the last --tail-tokens), mean of the "
+                   "lowest 10% of groups, or mean confidence. Offline it also picks the top ETA %; online the threshold and "
+                   "the stop use the lowest group confidence, as the reference.")
+@click.option("--tail-tokens", type=click.IntRange(min=1), default=None, help="--score tail: how many last tokens (default: the group window).")
 @click.option("--mode", type=click.Choice(["online", "offline"]), default="online", show_default=True)
 @click.option("--consensus", type=click.FloatRange(0.5, 1, min_open=True), default=None, help="Online: stop once the leading answer holds this share of the weighted vote (e.g. 0.95).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
@@ -33,37 +39,50 @@ __all__ = ["think_cmd"]
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Every trace's events tagged \"sample\", then a vote line.")
 @device_options
-def think_cmd(question, traces, warmup, eta, group, mode, consensus, max_new_tokens, temperature, top_p, seed, template, model_path, as_json, engine_kind, device, dtype) -> None:
+def think_cmd(question, traces, warmup, eta, group, score_kind, tail_tokens, mode, consensus, max_new_tokens, temperature, top_p, seed, template,
+              model_path, as_json, engine_kind, device, dtype) -> None:
     """Answer QUESTION by DeepConf: sample several reasoning traces as one
     batch, score each by its lowest group confidence, stop weak traces early
     (online) and take a confidence-weighted vote.
 
     \b
     Examples:
-      livepp think "What is 17 + 25?" --traces 8 --warmup 3 --eta 90 --group 16 --max-new-tokens 96
-      livepp think "What is 17 + 25?" --mode offline --traces 8 --group 16 --json
+      livepp think "What is 17 + 25?"
+      livepp think "What is 17 + 25?" --traces 8 --warmup 3 --eta 10 --max-new-tokens 96
+      livepp think "What is 17 + 25?" --mode offline --traces 8 --score tail --json
     """
     from livepp.cli.common import fail as _fail
 
     try:
         if "{question}" not in template:
             raise LiveppError("--prompt must contain {question}")
-        from livepp.car.deepconf import think
+        import warnings
+
+        from livepp.car.deepconf import default_group, think, window_warning
         from livepp.core.params import GenerationParams
 
+        group = default_group(max_new_tokens) if group is None else group
+        note = window_warning(group, max_new_tokens, mode)
+        if note:
+            click.echo(f"livepp: warning: {note}", err=True)
         engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         sink: Any = _JsonTraces() if as_json else _Progress(traces)
-        result = think(question, engine=engine, traces=traces, warmup=warmup, eta=eta, group=group, mode=mode, params=params,
-                       prompt=template, consensus=consensus, sinks=[sink])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said above, once, as a livepp warning
+            result = think(question, engine=engine, traces=traces, warmup=warmup, eta=eta, group=group, mode=mode, params=params,
+                           prompt=template, consensus=consensus, sinks=[sink], score=score_kind, tail_tokens=tail_tokens)
         if as_json:
             click.echo(dumps(result.vote_dict()))
             return
         click.echo("", err=True)
         for o in result.traces:
-            mark = "kept" if o.sample in result.kept else ("stopped" if o.reason == "policy" else "dropped")
-            click.echo(f"trace {o.sample:>2} {'(warm-up) ' if o.warmup else ''}{mark:<8} score {o.score:7.3f} · {o.n_tokens:>4} tokens · answer {o.answer!r}")
-        click.echo(f"threshold {result.threshold:.3f} ({mode}, eta {eta:g}) · {result.tokens} tokens in all")
+            click.echo(f"trace {o.sample:>2} {'(warm-up) ' if o.warmup else ''}{o.status:<9} score {o.score:7.3f} · lowest group "
+                       f"{o.lowest:7.3f} · {o.n_tokens:>4} tokens · answer {o.answer!r}")
+        counts = " · ".join(f"{len(result.samples(s))} {s.replace('_', ' ')}" for s in ("voted", "stopped", "excluded", "no_answer", "cancelled")
+                            if result.samples(s))
+        click.echo(f"threshold {result.threshold:.3f} ({mode}, eta {eta:g}, group {group}, score {score_kind}) · {counts} · "
+                   f"{result.tokens} tokens in all")
         click.echo(click.style(f"answer: {result.answer}", bold=True) +
                    f"  (majority {result.majority!r}, mean-confidence vote {result.mean_confidence_answer!r})")
     except LiveppError as exc:
