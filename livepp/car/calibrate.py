@@ -11,8 +11,8 @@ from dataclasses import replace
 
 from livepp.core.events import dumps
 from livepp.car.calibration import Calibration, auroc, expected_calibration_error, fit_calibration
-from livepp.car.heldout import (brier, cross_validated_posteriors, early_min_tokens, heldout_report, prefix_models, routing_outcome,
-                      scale, with_heldout)
+from livepp.car.early import choose_early_min_tokens, early_report, prefix_models
+from livepp.car.heldout import brier, heldout_report, nested_posteriors, routing_outcome, with_heldout
 from livepp.engines.protocol import Engine
 from livepp.core.params import LiveppError
 from livepp.car.routing import short_answer
@@ -54,26 +54,44 @@ def label_short_answers(
 
 
 def calibrate(labelled: Sequence[LabelledAnswer], *, model: str, threshold: float = 0.5, folds: int = 5, seed: int = 0) -> Calibration:
-    """Fit on every answer; add k-fold held-out figures, the temperature, and
-    the per-prefix models for early routing (see :mod:`livepp.car.heldout`)."""
+    """Fit on every answer; add k-fold held-out figures (everything fitted
+    inside the folds: space, Gaussians, temperature), the temperature to
+    ship, and the per-prefix models for early routing with the shortest
+    prefix worth routing on, chosen out of fold and judged nested (see
+    :mod:`livepp.car.heldout` and :mod:`livepp.car.early`)."""
     ppls, labels = [a.ppl for a in labelled], [a.correct for a in labelled]
     cal = fit_calibration(ppls, labels, model=model, threshold=threshold)
     try:
-        report = heldout_report(ppls, labels, k=folds, seed=seed, space=cal.space, threshold=threshold)
+        report = heldout_report(ppls, labels, k=folds, seed=seed, threshold=threshold)
     except LiveppError:
         return cal  # too few of a class to cross-validate: the in-sample fit alone
     cal = with_heldout(cal, report)
-    if all(a.prefix_ppls for a in labelled):
-        models = prefix_models([a.prefix_ppls for a in labelled], labels, space=cal.space, k=folds, seed=seed, threshold=threshold)
-        cal = replace(cal, prefix_models=models, early_min_tokens=early_min_tokens(models, cal.cv_auroc))
+    usable = [(a.prefix_ppls, a.correct) for a in labelled if math.isfinite(a.ppl)]  # as the held-out figures
+    if usable and all(p for p, _ in usable):
+        prefixes, ys = [p for p, _ in usable], [y for _, y in usable]
+        models = prefix_models(prefixes, ys, space=cal.space, k=folds, seed=seed, threshold=threshold)
+        chosen, judged = None, None
+        if models:
+            try:
+                chosen = choose_early_min_tokens(prefixes, ys, k=folds, seed=seed, threshold=threshold)
+                judged = early_report(prefixes, ys, k=folds, seed=seed, threshold=threshold)
+            except LiveppError:
+                pass  # too few of a class: early routing stays off
+        cal = replace(cal, prefix_models=models, early_min_tokens=chosen, cv_early=judged)
     return cal
 
 
 def heldout_posteriors(labelled: Sequence[LabelledAnswer], cal: Calibration, *, seed: int = 0) -> list[float]:
-    """The held-out P(correct) of each answer, temperature-scaled, for the report."""
-    ppls, labels = [a.ppl for a in labelled], [a.correct for a in labelled]
-    posts = cross_validated_posteriors(ppls, labels, k=cal.cv_folds or 5, seed=seed, space=cal.space, threshold=cal.threshold)
-    return [scale(p, cal.temperature) for p in posts]
+    """The held-out P(correct) of each answer, scaled by temperatures fitted
+    inside the folds (the nested posteriors of the held-out figures)."""
+    finite = [i for i, a in enumerate(labelled) if math.isfinite(a.ppl)]  # the answers the held-out figures use
+    nested = nested_posteriors([labelled[i].ppl for i in finite], [labelled[i].correct for i in finite], k=cal.cv_folds or 5, seed=seed,
+                               threshold=cal.threshold)["scaled"]
+    # An infinite PPL (a token of probability 0) is in no fold: the shipped calibration's posterior for it.
+    out = [cal.posterior_correct(a.ppl) for a in labelled]
+    for i, p in zip(finite, nested):
+        out[i] = p
+    return out
 
 
 def evaluate(cal: Calibration, labelled: Sequence[LabelledAnswer]) -> dict[str, object]:
@@ -117,7 +135,7 @@ def write_report(cal: Calibration, labelled: Sequence[LabelledAnswer], directory
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     if held is not None:
         xs, ys, ns = binned(held)
-        ax.scatter(xs, ys, s=[20 + 8 * n for n in ns], color="tab:blue", label=f"held-out ({cal.cv_folds}-fold, T={cal.temperature:.2f})")
+        ax.scatter(xs, ys, s=[20 + 8 * n for n in ns], color="tab:blue", label=f"held-out ({cal.cv_folds}-fold, T fitted inside the folds)")
         ax.plot(xs, ys, color="tab:blue")
     xs, ys, ns = binned(posts)
     ax.scatter(xs, ys, s=[10 + 4 * n for n in ns], color="tab:grey", alpha=0.5, label="in-sample")

@@ -98,16 +98,30 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
             click.echo(f"held-out: not computed; {folds}-fold cross-validation needs at least 4 answers of each class")
         else:
             r = cal.cv_routing or {}
-            click.echo(f"held-out ({cal.cv_folds}-fold): AUROC {cal.cv_auroc:.3f} · ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} "
-                       f"after temperature scaling (T = {cal.temperature:.3f}) · Brier {cal.cv_brier:.3f} → {cal.cv_brier_scaled:.3f}")
+            temps = ", ".join(f"{t:.2f}" for t in cal.cv_fold_temperatures or [])
+            click.echo(f"held-out ({cal.cv_folds}-fold, everything fitted inside the folds): AUROC {cal.cv_auroc:.3f} · "
+                       f"ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} · Brier {cal.cv_brier:.3f} → {cal.cv_brier_scaled:.3f} · "
+                       f"NLL {cal.cv_nll:.3f} → {cal.cv_nll_scaled:.3f} after temperature scaling (T per fold {temps}; shipped T = {cal.temperature:.3f})")
             click.echo(f"held-out routing: accuracy short only {r['accuracy_short_only']:.3f} · CAR with a perfect long route "
                        f"{r['accuracy_car_perfect_long']:.3f} · routed {100 * r['fraction_routed']:.0f}%")
-            click.echo(f"early routing: prefix models for {len(cal.prefix_models or [])} lengths; min_tokens {cal.early_min_tokens}")
+            click.echo(_early_line(cal))
         click.echo(f"fitted on {cal.space}: {cal.why_space}")
         click.echo(f"correct: mean {cal.mean_correct:.3f}, var {cal.var_correct:.4f} · incorrect: mean {cal.mean_incorrect:.3f}, var {cal.var_incorrect:.4f} · prior {cal.prior_correct:.2f}")
         click.echo(f"wrote {out} and {', '.join(str(f) for f in files)}")
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)
+
+
+def _early_line(cal: Any) -> str:
+    models = len(cal.prefix_models or [])
+    if cal.cv_early is None:
+        return f"early routing: prefix models for {models} lengths; off (too few answers of a class to choose where it starts)"
+    e = cal.cv_early
+    start = f"from token {cal.early_min_tokens}" if cal.early_min_tokens is not None else "off"
+    return (f"early routing: prefix models for {models} lengths; {start} (the shortest prefix whose early routes of correct answers stay "
+            f"within {100 * e['margin']:.0f}% of answers out of fold); nested held-out: adds routes of correct answers "
+            f"{100 * e['extra_correct_routed']:.1f}%, of wrong ones {100 * e['extra_wrong_routed']:.1f}%, saves "
+            f"{100 * e['short_tokens_saved']:.1f}% of short-answer tokens")
 
 
 @click.command("route")
