@@ -33,7 +33,7 @@ def _fail(message: str, as_json: bool, code: int) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @device_options
-def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json, engine_kind, device, dtype) -> None:
+def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json, engine_kind, device, dtype, exact) -> None:
     """Fit CAR's PPL model on labelled questions, with held-out figures.
 
     DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
@@ -57,7 +57,7 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         from livepp.car.tasks import load_questions
 
         questions = load_questions(data, limit=limit)
-        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         err = sys.stderr
 
         def progress(i: int, item: Any) -> None:
@@ -140,7 +140,7 @@ def _early_line(cal: Any) -> str:
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
 @device_options
-def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json, engine_kind, device, dtype) -> None:
+def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json, engine_kind, device, dtype, exact) -> None:
     """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
     model is unsure, long reasoning instead.
 
@@ -167,7 +167,7 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
         if calibration_path and task:
             raise LiveppError("give --calibration FILE or --task NAME, not both")
         cal = Calibration.load(calibration_path or shipped_calibration(task))
-        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         if early and cal.early_min_tokens is None:
             click.echo("livepp: warning: this calibration has no valid prefix models (re-run livepp calibrate with more answers "
                        "of each class); --early will route only at the end of the short answer", err=True)

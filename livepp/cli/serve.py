@@ -39,7 +39,7 @@ __all__ = ["serve_cmd"]
               help="A policy every request runs (repeatable), besides its own, e.g. 'early-stop:threshold=8,metric=window_ppl'.")
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
-              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, engine_kind, device, dtype) -> None:
+              allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, engine_kind, device, dtype, exact) -> None:
     """Serve the live page at / , the websocket API at /ws, the
     OpenAI-compatible API at /v1 and /healthz. With --remote, a monitoring
     gateway: /v1 requests go on to that engine, each one monitored, stoppable
@@ -70,7 +70,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             engine: Any = source_from_options(remote, remote_model, api_key_env=api_key_env)
             name = f"{remote_model} at {remote}"
         else:
-            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
             name = engine.name
         if max_batch is None:
             on_gpu = getattr(getattr(engine, "decoder", None), "device", None)

@@ -40,7 +40,7 @@ __all__ = ["think_cmd"]
 @click.option("--json", "as_json", is_flag=True, help="Every trace's events tagged \"sample\", then a vote line.")
 @device_options
 def think_cmd(question, traces, warmup, eta, group, score_kind, tail_tokens, mode, consensus, max_new_tokens, temperature, top_p, seed, template,
-              model_path, as_json, engine_kind, device, dtype) -> None:
+              model_path, as_json, engine_kind, device, dtype, exact) -> None:
     """Answer QUESTION by DeepConf: sample several reasoning traces as one
     batch, score each by its lowest group confidence, stop weak traces early
     (online) and take a confidence-weighted vote.
@@ -65,7 +65,7 @@ def think_cmd(question, traces, warmup, eta, group, score_kind, tail_tokens, mod
         note = window_warning(group, max_new_tokens, mode)
         if note:
             click.echo(f"livepp: warning: {note}", err=True)
-        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
         sink: Any = _JsonTraces() if as_json else _Progress(traces)
         with warnings.catch_warnings():
