@@ -328,8 +328,13 @@ class StepPPL:
     """Judge reasoning steps: when a step's PPL exceeds ``threshold`` (steps
     of at least ``min_tokens`` tokens), ``action``: stop, note or route.
     Steps are the monitor's (a blank line or a new "Step N" / numbered line
-    ends one; ``--step-regex`` changes the rule); a step that is surprising to
-    the model is where reasoning tends to go wrong (SPIRIT)."""
+    ends one; ``--step-regex`` changes the rule).
+
+    The step PPL is the PPL of the step's own tokens given everything before
+    them: exp of their mean NLL, as the model generated them. It is not
+    SPIRIT's step measure (the change in the PPL of the rest of the solution
+    when the step is removed), which needs the text re-scored without the
+    step; livepp does not compute that one."""
 
     def __init__(self, threshold: float, *, action: str = "stop", min_tokens: int = 1) -> None:
         if not (threshold > 1.0 and math.isfinite(threshold)):
