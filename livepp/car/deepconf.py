@@ -95,6 +95,7 @@ class ThinkResult:
     score: str = "lowest"
     group: int | None = None
     warnings: list[str] = field(default_factory=list)
+    question: str | None = None
 
     def samples(self, status: str) -> list[int]:
         return [t.sample for t in self.traces if t.status == status]
@@ -107,6 +108,7 @@ class ThinkResult:
             "cancelled": self.samples("cancelled"),
             "majority": self.majority, "mean_confidence_answer": self.mean_confidence_answer,
             "consensus_reached": self.consensus_reached, "score": self.score, "group": self.group, "warnings": self.warnings,
+            "question": self.question,
         }
 
 
@@ -286,7 +288,7 @@ def think(
         outcomes = _run(engine, text, [request(j) for j in range(traces)], 0, warmup=False, **run)
         threshold = offline_threshold(outcomes, eta)
         settle(outcomes, mode=mode, threshold=threshold)
-        return tally(mode, outcomes, threshold, score=score, group=group, notes=notes)
+        return replace(tally(mode, outcomes, threshold, score=score, group=group, notes=notes), question=question)
 
     warm = _run(engine, text, [request(j) for j in range(warmup)], 0, warmup=True, **run)
     threshold = warmup_threshold([o.lowest for o in warm], eta)
@@ -308,4 +310,4 @@ def think(
                 consensus=reached, **run)
     outcomes = warm + rest
     settle(outcomes, mode=mode, threshold=threshold)
-    return tally(mode, outcomes, threshold, score=score, group=group, consensus_reached=agreed[0], notes=notes)
+    return replace(tally(mode, outcomes, threshold, score=score, group=group, consensus_reached=agreed[0], notes=notes), question=question)

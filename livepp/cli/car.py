@@ -235,39 +235,89 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
 
 @click.command("replay")
 @click.argument("traces")
-@click.option("--policy", "specs", multiple=True, required=True, metavar="SPEC",
+@click.option("--policy", "specs", multiple=True, metavar="SPEC",
               help="NAME[:key=value,...], e.g. early-stop:threshold=8,metric=window_ppl,min_tokens=16 (repeatable).")
+@click.option("--sweep", "sweep_specs", multiple=True, metavar="SPEC",
+              help="A policy with one option stepped as key=LO..HI:STEP, e.g. early-stop:threshold=1.5..6:0.25 (repeatable): "
+                   "the trade-off at every value, printed and plotted.")
+@click.option("--plot", "plot_path", metavar="FILE", help="With one --sweep: where to write its PNG (default: beside TRACES).")
 @click.option("--json", "as_json", is_flag=True)
-def replay_cmd(traces, specs, as_json) -> None:
+def replay_cmd(traces, specs, sweep_specs, plot_path, as_json) -> None:
     """Run recorded `livepp generate --json` traces through other policies.
 
     Reports, per policy, where it would have fired, the tokens it would have
     saved and, for traces labelled with "correct", how many correct answers it
-    keeps and how many wrong ones it cuts short.
+    keeps and how many wrong ones it cuts short. --sweep runs a policy at
+    every value of one option and prints and plots the trade-off (tokens
+    saved against right answers kept and wrong answers stopped), with the
+    Pareto front (the values no other value beats on both) marked.
 
     \b
     Examples:
       livepp replay traces.jsonl --policy early-stop:threshold=6 --policy confidence-stop:threshold=9
       livepp replay traces.jsonl --policy spike:z=3 --json
+      livepp replay traces.jsonl --sweep early-stop:threshold=1.5..6:0.25,min_tokens=16
+      livepp replay traces.jsonl --sweep confidence-stop:threshold=8..14:0.5 --plot conf.png
     """
     try:
         from livepp.core.policies import parse_policy
         from livepp.core.replay import read_traces, replay
+        from livepp.core.sweep import parse_sweep
 
+        if not specs and not sweep_specs:
+            raise LiveppError("give --policy SPEC or --sweep SPEC")
+        if plot_path and len(sweep_specs) != 1:
+            raise LiveppError("--plot names the PNG of one --sweep")
         for spec in specs:
             parse_policy(spec)  # reject bad specs before any work
+        for spec in sweep_specs:
+            parse_sweep(spec)
         loaded = read_traces(traces)
         for spec in specs:
             report = replay(loaded, spec, lambda: parse_policy(spec))
             if as_json:
                 click.echo(dumps({"type": "replay", **report.to_dict()}))
                 continue
-            line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
-                    f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")
-            if report.labelled:
-                line += (f" · correct kept {report.correct_kept}/{report.correct_total}"
-                         f" · incorrect stopped {report.incorrect_stopped}/{report.incorrect_total}")
-            click.echo(line)
+            click.echo(_replay_line(spec, report))
             click.echo("  fired at token: " + ", ".join("–" if i is None else str(i) for i in report.fired_at))
+        for n, spec in enumerate(sweep_specs):
+            default = Path(traces).with_name(f"{Path(traces).stem}-sweep{'-' + str(n + 1) if len(sweep_specs) > 1 else ''}.png")
+            _print_sweep(loaded, spec, Path(plot_path) if plot_path else default, as_json)
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)
+
+
+def _replay_line(spec: str, report: Any) -> str:
+    line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
+            f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")
+    if report.labelled:
+        line += (f" · correct kept {report.correct_kept}/{report.correct_total}"
+                 f" · incorrect stopped {report.incorrect_stopped}/{report.incorrect_total}")
+    return line
+
+
+def _print_sweep(loaded: Any, spec: str, plot: Path, as_json: bool) -> None:
+    from livepp.car.curves import plot_policy_sweep
+    from livepp.core.sweep import pareto_front, sweep
+
+    s, reports = sweep(loaded, spec)
+    labelled = bool(reports[0].correct_total)
+    front = pareto_front([(r.tokens_saved, r.correct_kept) for r in reports]) if labelled else [False] * len(reports)
+    title = f"{spec} over {reports[0].traces} traces" + (f" ({reports[0].correct_total} right, {reports[0].incorrect_total} wrong)"
+                                                        if labelled else "")
+    png = plot_policy_sweep(s.key, s.values, reports, plot, title=title)
+    if as_json:
+        for value, r, f in zip(s.values, reports, front):
+            click.echo(dumps({"type": "sweep_point", "sweep": spec, s.key: value, "pareto": f, **r.to_dict()}))
+        click.echo(dumps({"type": "sweep", "sweep": spec, "plot": str(png)}))
+        return
+    click.echo(title)
+    head = f"  {s.key:>10}  {'fired':>9}  {'tokens saved':>20}"
+    click.echo(head + (f"  {'right kept':>10}  {'wrong stopped':>13}  pareto" if labelled else ""))
+    for value, r, f in zip(s.values, reports, front):
+        saved = f"{r.tokens_saved}/{r.tokens_total} {100 * r.tokens_saved / max(r.tokens_total, 1):5.1f}%"
+        row = f"  {value:>10g}  {f'{r.fired}/{r.traces}':>9}  {saved:>20}"
+        if labelled:
+            row += f"  {f'{r.correct_kept}/{r.correct_total}':>10}  {f'{r.incorrect_stopped}/{r.incorrect_total}':>13}  {'*' if f else ''}"
+        click.echo(row)
+    click.echo(f"wrote {png}" + (" (* = Pareto front: no other value saves as many tokens and keeps as many right answers)" if labelled else ""))
