@@ -134,3 +134,49 @@ def test_a_sweep_refuses_a_recording_with_stopped_traces(tmp_path):
     recording.write_text(run("think", Q, "--warmup", "3", "--eta", "10", "--json", *COMMON, engine=engine).stdout)
     out = CliRunner().invoke(main, ["think", "--sweep-eta", "10..90:40", "--recorded", str(recording)])
     assert out.exit_code == 2 and "--mode offline" in out.output
+
+
+# ---- calibrate: the routing curve ----------------------------------------------------------
+
+def test_calibrate_draws_the_routing_curve_on_held_out_answers_with_the_measured_long_route(tmp_path):
+    """30 questions on a scripted engine: short answers right (sure) or wrong
+    (unsure), with some overlap; the long route right on every third. The
+    curve in the JSON equals, at every threshold, the counts from the
+    held-out posteriors written in labelled.jsonl."""
+    import random
+
+    from livepp.car.heldout import heldout_report
+    from livepp.car.routing import LONG_PROMPT, SHORT_PROMPT
+
+    rng = random.Random(5)
+    scripts, questions = {}, []
+    for k in range(30):
+        q = f"What is {k} + 1?"
+        right = rng.random() < 0.55
+        lp = -(0.15 if right else 0.7) - rng.uniform(0, 0.5)
+        scripts[SHORT_PROMPT.format(question=q)] = [(" The answer", lp), (f" is {k + 1 if right else k + 2}.", lp)]
+        scripts[LONG_PROMPT.format(question=q)] = [("Step 1: add.", -0.2), (f"\nSo {k + 1 if k % 3 == 0 else k}.", -0.3)]
+        questions.append({"question": q, "answers": [str(k + 1)]})
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    engine = ScriptedEngine(scripts)
+    out = run("calibrate", str(data), "--out", str(tmp_path / "cal.json"), "--measure-long", "--long-max-tokens", "16", "--json", engine=engine)
+    result = json.loads(out.stdout)
+    report = tmp_path / "cal-report"
+    assert str(report / "routing.png") in result["files"] and (report / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    rows = jsonl((report / "labelled.jsonl").read_text())
+    held = [r["heldout_posterior_correct"] for r in rows]
+    assert held == pytest.approx(heldout_report([r["ppl"] for r in rows], [r["correct"] for r in rows])["cv_posteriors_scaled"])
+    assert [r["long_correct"] for r in rows] == [k % 3 == 0 for k in range(30)]
+    curve = result["routing_curve"]
+    assert [c["threshold"] for c in curve] == pytest.approx([k / 20 for k in range(21)])
+    for c in curve:
+        routed = [p < c["threshold"] for p in held]
+        assert c["fraction_routed"] == pytest.approx(sum(routed) / 30)
+        assert c["accuracy_car_perfect_long"] == pytest.approx(sum(r["correct"] or x for r, x in zip(rows, routed)) / 30)
+        assert c["accuracy_car_measured_long"] == pytest.approx(sum(r["long_correct"] if x else r["correct"] for r, x in zip(rows, routed)) / 30)
+        assert c["accuracy_long_only"] == pytest.approx(10 / 30)
+    routed = [c["fraction_routed"] for c in curve]
+    assert routed[0] == 0 and routed == sorted(routed) and routed[-1] > 0.5
+    table = run("calibrate", str(data), "--out", str(tmp_path / "cal2.json"), "--measure-long", "--long-max-tokens", "16", engine=ScriptedEngine(scripts))
+    assert "held-out routing curve" in table.stdout and "best threshold" in table.stdout

@@ -12,13 +12,14 @@ from dataclasses import replace
 from livepp.core.events import dumps
 from livepp.car.calibration import Calibration, auroc, expected_calibration_error, fit_calibration
 from livepp.car.early import choose_early_min_tokens, early_report, prefix_models
-from livepp.car.heldout import brier, heldout_report, nested_posteriors, routing_outcome, with_heldout
+from livepp.car.heldout import brier, heldout_report, nested_posteriors, routing_curve, routing_outcome, with_heldout
 from livepp.engines.protocol import Engine
 from livepp.core.params import LiveppError
-from livepp.car.routing import short_answer
+from livepp.car.routing import StepByStep, short_answer
 from livepp.car.tasks import Question, answer_matches
 
-__all__ = ["LabelledAnswer", "label_short_answers", "calibrate", "evaluate", "heldout_posteriors", "write_labelled", "write_report"]
+__all__ = ["LabelledAnswer", "label_short_answers", "label_long_answers", "calibrate", "evaluate", "heldout_posteriors", "heldout_routing_curve",
+           "write_labelled", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class LabelledAnswer:
     correct: bool
     # The running PPL after each token of the answer (for early routing).
     prefix_ppls: tuple[float, ...] = ()
+    # Whether the long route answered the question right, when measured (label_long_answers).
+    long_correct: bool | None = None
+    long_tokens: int | None = None
 
 
 def label_short_answers(
@@ -47,6 +51,27 @@ def label_short_answers(
         assert result.end is not None
         item = LabelledAnswer(q.question, q.answers, result.text, result.end.ppl, result.end.n_tokens,
                               answer_matches(result.text, q.answers), tuple(e.ppl for e in result.tokens))
+        out.append(item)
+        if progress is not None:
+            progress(i, item)
+    return out
+
+
+def label_long_answers(
+    engine: Engine,
+    labelled: Sequence[LabelledAnswer],
+    *,
+    max_new_tokens: int = 256,
+    progress: Callable[[int, LabelledAnswer], None] | None = None,
+) -> list[LabelledAnswer]:
+    """Answer each question by the step-by-step long route too (greedy) and
+    label that answer, so the routing curve can show CAR with the long route
+    as it is rather than a perfect one."""
+    route = StepByStep(engine, max_new_tokens=max_new_tokens)
+    out = []
+    for i, a in enumerate(labelled):
+        long = route.run(a.question, [])
+        item = replace(a, long_correct=answer_matches(long.text, a.answers), long_tokens=long.n_tokens)
         out.append(item)
         if progress is not None:
             progress(i, item)
@@ -94,6 +119,14 @@ def heldout_posteriors(labelled: Sequence[LabelledAnswer], cal: Calibration, *, 
     return out
 
 
+def heldout_routing_curve(labelled: Sequence[LabelledAnswer], cal: Calibration, *, held: Sequence[float] | None = None) -> list[dict[str, float]]:
+    """Accuracy and the fraction routed at every routing threshold, on the
+    held-out posteriors; with the measured long route when every answer has one."""
+    held = heldout_posteriors(labelled, cal) if held is None else held
+    long = [a.long_correct for a in labelled]
+    return routing_curve(held, [a.correct for a in labelled], long_labels=long if all(x is not None for x in long) else None)
+
+
 def evaluate(cal: Calibration, labelled: Sequence[LabelledAnswer]) -> dict[str, object]:
     """Score a fitted calibration on answers it was not fitted on."""
     posts = [cal.posterior_correct(a.ppl) for a in labelled]
@@ -107,8 +140,9 @@ def evaluate(cal: Calibration, labelled: Sequence[LabelledAnswer]) -> dict[str, 
 
 
 def write_report(cal: Calibration, labelled: Sequence[LabelledAnswer], directory: str | Path) -> list[Path]:
-    """Reliability diagram and class histograms with the fitted curves (PNG),
-    plus the labelled answers as JSONL. Returns the files written."""
+    """Reliability diagram, class histograms with the fitted curves and (with
+    held-out figures) the routing curve, as PNG, plus the labelled answers as
+    JSONL. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,12 +204,22 @@ def write_report(cal: Calibration, labelled: Sequence[LabelledAnswer], directory
     fig.savefig(histograms, dpi=100)
     plt.close(fig)
 
-    answers = write_labelled(labelled, d / "labelled.jsonl", posteriors=posts)
-    return [reliability, histograms, answers]
+    files = [reliability, histograms]
+    if held is not None:
+        from livepp.car.curves import plot_routing_curve
+
+        measured = "" if labelled[0].long_correct is None else ", with the step-by-step long route measured"
+        files.append(plot_routing_curve(heldout_routing_curve(labelled, cal, held=held), d / "routing.png", threshold=cal.threshold,
+                                        title=f"CAR on {len(labelled)} held-out answers ({cal.cv_folds}-fold, nested){measured}"))
+    files.append(write_labelled(labelled, d / "labelled.jsonl", posteriors=posts, heldout=held))
+    return files
 
 
-def write_labelled(labelled: Sequence[LabelledAnswer], path: str | Path, *, posteriors: Sequence[float] | None = None) -> Path:
-    """The generated short answers with their labels, one JSON object per line.
+def write_labelled(labelled: Sequence[LabelledAnswer], path: str | Path, *, posteriors: Sequence[float] | None = None,
+                   heldout: Sequence[float] | None = None) -> Path:
+    """The generated short answers with their labels, one JSON object per line
+    (with the in-sample and held-out posteriors once fitted, and the long
+    route's outcome when measured).
 
     Written before fitting too, so a failed fit (too few of a class) never
     loses the minutes of generation that produced them."""
@@ -185,7 +229,11 @@ def write_labelled(labelled: Sequence[LabelledAnswer], path: str | Path, *, post
         for i, a in enumerate(labelled):
             row = {"question": a.question, "answers": list(a.answers), "reply": a.reply, "ppl": a.ppl, "n_tokens": a.n_tokens,
                    "correct": a.correct, "prefix_ppls": list(a.prefix_ppls)}
+            if a.long_correct is not None:
+                row |= {"long_correct": a.long_correct, "long_tokens": a.long_tokens}
             if posteriors is not None:
                 row["posterior_correct"] = posteriors[i]
+            if heldout is not None:
+                row["heldout_posterior_correct"] = heldout[i]
             fh.write(dumps(row) + "\n")
     return p

@@ -35,7 +35,7 @@ from livepp.car.calibration import MIN_PER_CLASS, Calibration, auroc, expected_c
 from livepp.core.params import LiveppError
 
 __all__ = ["kfold", "cross_validated_posteriors", "fit_temperature", "fit_with_temperature", "scale", "brier", "nll", "routing_outcome",
-           "nested_posteriors", "heldout_report", "with_heldout", "check_cv", "train_indices"]
+           "nested_posteriors", "routing_curve", "heldout_report", "with_heldout", "check_cv", "train_indices"]
 
 # 1/T is searched in [_S_MIN, _S_MAX]: T from 0.05 (sharper) to 1000 (almost flat).
 _S_MIN, _S_MAX = 1e-3, 20.0
@@ -187,6 +187,22 @@ def routing_outcome(posteriors: Sequence[float], labels: Sequence[bool], thresho
         "accuracy_car_perfect_long": sum(bool(y) or r for y, r in zip(labels, routed)) / n,
         "fraction_routed": sum(routed) / n,
     }
+
+
+def routing_curve(posteriors: Sequence[float], labels: Sequence[bool], *, long_labels: Sequence[bool] | None = None,
+                  thresholds: Sequence[float] | None = None) -> list[dict[str, float]]:
+    """:func:`routing_outcome` at every threshold (default 0, 0.05, ..., 1),
+    and, given whether the long route got each question right, the accuracy
+    of CAR with that long route and of the long route alone."""
+    out = []
+    for t in thresholds if thresholds is not None else [k / 20 for k in range(21)]:
+        point: dict[str, float] = {"threshold": t, **routing_outcome(posteriors, labels, t)}
+        if long_labels is not None:
+            n = len(labels)
+            point["accuracy_car_measured_long"] = sum(bool(l) if p < t else bool(y) for p, y, l in zip(posteriors, labels, long_labels)) / n
+            point["accuracy_long_only"] = sum(bool(l) for l in long_labels) / n
+        out.append(point)
+    return out
 
 
 def heldout_report(ppls: Sequence[float], labels: Sequence[bool], *, k: int = 5, seed: int = 0,

@@ -31,28 +31,36 @@ def _fail(message: str, as_json: bool, code: int) -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Route when P(correct | PPL) is below this.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N questions.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
+@click.option("--measure-long", is_flag=True, help="Also answer every question by the step-by-step long route and label it, so the "
+              "routing curve shows CAR with that long route, not only with a perfect one (slower).")
+@click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="--measure-long: length cap of a long answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @device_options
-def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json, engine_kind, device, dtype, exact) -> None:
+def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, measure_long, long_max_tokens, as_json,
+                  engine_kind, device, dtype, exact) -> None:
     """Fit CAR's PPL model on labelled questions, with held-out figures.
 
     DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
     lines, or a built-in task: builtin:TASK[:SPLIT] with TASK one of sums,
     products, two-digit-sums, units, capitals, mixed and SPLIT calib (default)
     or eval (disjoint halves). AUROC, ECE and Brier score are reported
-    in-sample and from k-fold cross-validation; a temperature is fitted on
-    the held-out posteriors; early routing gets one model per prefix length.
+    in-sample and from k-fold cross-validation (everything fitted inside the
+    folds); a temperature is fitted on the held-out posteriors; early routing
+    gets one model per prefix length. The report has the routing curve:
+    accuracy and the fraction routed at every threshold, on held-out answers.
 
     \b
     Examples:
       livepp calibrate builtin:sums --out calib.json
+      livepp calibrate builtin:sums --out calib.json --measure-long --long-max-tokens 96
       livepp calibrate my_questions.jsonl --out calib.json --report report/
       livepp calibrate builtin:sums:eval --eval calib.json
     """
     try:
         if (out_path is None) == (eval_path is None):
             raise LiveppError("give --out FILE to fit a calibration, or --eval FILE to score one on DATA")
-        from livepp.car.calibrate import calibrate, evaluate, label_short_answers, write_labelled, write_report
+        from livepp.car.calibrate import (calibrate, evaluate, heldout_routing_curve, label_long_answers, label_short_answers, write_labelled,
+                                          write_report)
         from livepp.car.calibration import Calibration
         from livepp.car.tasks import load_questions
 
@@ -68,6 +76,16 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         fitted = Calibration.load(eval_path) if eval_path else None
         labelled = label_short_answers(engine, questions, max_new_tokens=max_new_tokens, progress=progress)
         err.write("\n")
+        if measure_long:
+            if fitted is not None:
+                raise LiveppError("--measure-long goes with --out (it draws the routing curve of a fit)")
+
+            def long_progress(i: int, item: Any) -> None:
+                err.write(f"\r[{i + 1}/{len(questions)}] long {'✓' if item.long_correct else '✗'} {item.question[:50]:<50}")
+                err.flush()
+
+            labelled = label_long_answers(engine, labelled, max_new_tokens=long_max_tokens, progress=long_progress)
+            err.write("\n")
         if fitted is not None:
             result = evaluate(fitted, labelled)
             if as_json:
@@ -88,8 +106,9 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         out.parent.mkdir(parents=True, exist_ok=True)
         cal.save(out)
         files = write_report(cal, labelled, report)
+        curve = heldout_routing_curve(labelled, cal) if cal.cv_folds else None
         if as_json:
-            click.echo(dumps({"type": "calibration", **cal.to_dict(), "files": [str(f) for f in files]}))
+            click.echo(dumps({"type": "calibration", **cal.to_dict(), "files": [str(f) for f in files], "routing_curve": curve}))
             return
         n = len(labelled)
         click.echo(f"{n} questions · {cal.n_correct} correct ({100 * cal.n_correct / n:.0f}%) · {cal.n_incorrect} incorrect")
@@ -105,11 +124,31 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
             click.echo(f"held-out routing: accuracy short only {r['accuracy_short_only']:.3f} · CAR with a perfect long route "
                        f"{r['accuracy_car_perfect_long']:.3f} · routed {100 * r['fraction_routed']:.0f}%")
             click.echo(_early_line(cal))
+        if curve:
+            click.echo(_curve_table(curve))
         click.echo(f"fitted on {cal.space}: {cal.why_space}")
         click.echo(f"correct: mean {cal.mean_correct:.3f}, var {cal.var_correct:.4f} · incorrect: mean {cal.mean_incorrect:.3f}, var {cal.var_incorrect:.4f} · prior {cal.prior_correct:.2f}")
         click.echo(f"wrote {out} and {', '.join(str(f) for f in files)}")
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)
+
+
+def _curve_table(curve: list[dict[str, Any]]) -> str:
+    """The routing curve at thresholds 0.1 ... 0.9 (routing.png has every 0.05)."""
+    measured = curve[0].get("accuracy_car_measured_long") is not None
+    rows = ["held-out routing curve: threshold · routed · accuracy with a perfect long route" +
+            (" · with the measured long route" if measured else "")]
+    for c in curve:
+        if not (0 < c["threshold"] < 1 and abs(c["threshold"] * 10 - round(c["threshold"] * 10)) < 1e-9):
+            continue
+        row = f"  {c['threshold']:.1f} · {100 * c['fraction_routed']:3.0f}% · {c['accuracy_car_perfect_long']:.3f}"
+        rows.append(row + (f" · {c['accuracy_car_measured_long']:.3f}" if measured else ""))
+    if measured:
+        best = max(curve, key=lambda c: (c["accuracy_car_measured_long"], -c["fraction_routed"]))
+        rows.append(f"  short only {curve[0]['accuracy_short_only']:.3f}, long only {curve[0]['accuracy_long_only']:.3f}; with the measured "
+                    f"long route the best threshold is {best['threshold']:.2f} ({best['accuracy_car_measured_long']:.3f}, "
+                    f"{100 * best['fraction_routed']:.0f}% routed)")
+    return "\n".join(rows)
 
 
 def _early_line(cal: Any) -> str:
