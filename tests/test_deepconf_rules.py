@@ -263,3 +263,22 @@ def test_answerless_traces_do_not_vote_or_count_in_the_consensus_share():
     assert result.consensus_reached and result.answer == "15"
     assert all(t.status == "cancelled" for t in result.traces[5:])
     assert result.weights == pytest.approx({"15": 10.0, "13": 5.0})
+
+
+def test_a_threshold_over_infinite_scores_is_a_number_and_stops_as_it_should():
+    """A confidence of +inf (a top-k holding zero-probability tokens) can make
+    a score +inf: numpy's interpolation gives inf - inf = NaN there; livepp's
+    threshold is the limit of the interpolation, and the stop takes it."""
+    import math
+
+    from livepp.core.policies import ConfidenceStop, warmup_threshold
+
+    assert warmup_threshold([1.0, math.inf], 50) == math.inf  # between 1 and inf: inf
+    assert warmup_threshold([math.inf, math.inf, 2.0], 10) == math.inf  # 2 + 0.2 * (inf - 2)
+    assert warmup_threshold([math.inf, math.inf], 10) == math.inf
+    assert warmup_threshold([1.0, 2.0, math.inf], 100) == 1.0
+    with pytest.raises(Exception):
+        warmup_threshold([1.0, math.nan], 50)
+    assert ConfidenceStop(math.inf).threshold == math.inf
+    with pytest.raises(ValueError):
+        ConfidenceStop(math.nan)

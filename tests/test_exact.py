@@ -52,6 +52,7 @@ def test_generate_exact_equals_llamacpps_token_by_token_evaluation():
     ["route", "What is 2+2?"],
     ["calibrate", "builtin:sums", "--out", "/dev/null"],
     ["serve", "--port", "0"],
+    ["score", "--prompt", "a", "--target", "b"],
 ])
 def test_every_command_that_runs_llamacpp_takes_exact_and_refuses_it_on_torch(command):
     help_text = CliRunner().invoke(main, [command[0], "--help"]).output
