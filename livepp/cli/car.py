@@ -208,8 +208,8 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
         cal = Calibration.load(calibration_path or shipped_calibration(task))
         engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         if early and cal.early_min_tokens is None:
-            click.echo("livepp: warning: this calibration has no valid prefix models (re-run livepp calibrate with more answers "
-                       "of each class); --early will route only at the end of the short answer", err=True)
+            click.echo("livepp: warning: this calibration has no prefix to start early routing from (no prefix kept correct answers "
+                       "out of fold, or too few answers of a class); --early will route only at the end of the short answer", err=True)
         if cal.model != engine.name:
             click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {engine.name!r}; "
                        f"its PPL scale may not fit this model (run livepp calibrate)", err=True)
