@@ -7,8 +7,10 @@ answers: ``"answers": [...]`` on its vote line (``think --answer``) or a
 ``{"type": "label", "answers": [...]}`` line after it.
 
 Trace j of an online run uses the same seed as trace j of the offline run,
-and batching never changes a row, so online DeepConf at any η is found from
-the recording: the first W traces are the warm-up and set the threshold;
+and on an engine whose batching never changes a row (the torch engine) online
+DeepConf at any η is therefore found from the recording (on llama.cpp, whose
+batched kernels round differently with the batch's size, it is what online
+would have done on these very traces): the first W traces are the warm-up and set the threshold;
 every later trace runs through the very :class:`ConfidenceStop` and
 :class:`Tracker` of live decoding (so it stops at the same token), and the
 rules of :mod:`livepp.car.deepconf` settle and count the vote. (The consensus
