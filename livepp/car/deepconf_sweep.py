@@ -145,7 +145,7 @@ def eta_sweep(runs: Sequence[RecordedRun], etas: Sequence[float], *, warmup: int
     labelled = all(r.answers for r in runs)
     points = []
     for eta in etas:
-        p: dict[str, Any] = {"eta": eta, "runs": len(runs), "online_tokens": 0, "all_tokens": 0, "stopped": 0, "excluded": 0, "traces": 0,
+        p: dict[str, Any] = {"eta": eta, "runs": len(runs), "online_tokens": 0, "all_tokens": 0, "stopped": 0, "excluded": 0, "traces": 0, "after_warmup": 0,
                              "online_right": 0, "offline_right": 0, "majority_right": 0}
         for run in runs:
             kw = dict(eta=eta, traces=traces, score=score, tail_tokens=tail_tokens, group=group)
@@ -153,6 +153,7 @@ def eta_sweep(runs: Sequence[RecordedRun], etas: Sequence[float], *, warmup: int
             p["online_tokens"] += on.tokens
             p["all_tokens"] += off.tokens
             p["traces"] += len(on.traces)
+            p["after_warmup"] += len(on.traces) - warmup
             p["stopped"] += len(on.samples("stopped"))
             p["excluded"] += len(on.samples("excluded"))
             p["online_right"] += _right(on.answer, run)

@@ -168,11 +168,11 @@ def _sweep(question: str | None, spec: str, recorded: str | None, plot: str | No
         click.echo(dumps({"type": "sweep", "sweep": f"eta={spec}", "plot": str(png)}))
         return
     click.echo(title)
-    click.echo(f"  {'eta':>5}  {'tokens online / all':>22}  {'stopped':>9}  {'excluded':>8}" +
+    click.echo(f"  {'eta':>5}  {'tokens online / all':>22}        {'stopped':>9}  {'excluded':>8}" +
                (f"  {'online right':>12}  {'offline right':>13}  {'majority right':>14}  pareto" if labelled else ""))
     for p, f in zip(points, front):
         row = (f"  {p['eta']:>5g}  {p['online_tokens']:>9}/{p['all_tokens']:<6} {100 * (1 - p['online_tokens'] / max(p['all_tokens'], 1)):4.1f}%"
-               f" saved  {p['stopped']:>4}/{p['traces']:<4}  {p['excluded']:>8}")
+               f" saved  {p['stopped']:>4}/{p['after_warmup']:<4}  {p['excluded']:>8}")
         if labelled:
             row += f"  {p['online_right']:>8}/{n:<3}  {p['offline_right']:>9}/{n:<3}  {p['majority_right']:>10}/{n:<3}  {'*' if f else ''}"
         click.echo(row)
