@@ -156,9 +156,10 @@ def _early_line(cal: Any) -> str:
     if cal.cv_early is None:
         return f"early routing: prefix models for {models} lengths; off (too few answers of a class to choose where it starts)"
     e = cal.cv_early
-    start = f"from token {cal.early_min_tokens}" if cal.early_min_tokens is not None else "off"
-    return (f"early routing: prefix models for {models} lengths; {start} (the shortest prefix whose early routes of correct answers stay "
-            f"within {100 * e['margin']:.0f}% of answers out of fold); nested held-out: adds routes of correct answers "
+    rule = f"early routes of correct answers within {100 * e['margin']:.0f}% of answers out of fold, and some answer routed before its end"
+    start = (f"from token {cal.early_min_tokens} (the shortest prefix with {rule})" if cal.early_min_tokens is not None else
+             f"off (no prefix has {rule})")
+    return (f"early routing: prefix models for {models} lengths; {start}; nested held-out: adds routes of correct answers "
             f"{100 * e['extra_correct_routed']:.1f}%, of wrong ones {100 * e['extra_wrong_routed']:.1f}%, saves "
             f"{100 * e['short_tokens_saved']:.1f}% of short-answer tokens")
 
