@@ -40,8 +40,9 @@ class ScriptedStream(RecordStream):
             self.engine.produced += 1
             last = i == len(script) - 1
             finish = ("eos" if ended_by_eos else "length") if last else None
-            yield TokenRecord(token_id=1000 + i, text=text, logprob=lp, entropy=0.5, confidence=-lp,
-                              top_logprobs=(TopLogprob(1000 + i, text, lp),), finish_reason=finish)
+            # The record's confidence is -logprob, or none at all (a remote engine asked for no top logprobs).
+            yield TokenRecord(token_id=1000 + i, text=text, logprob=lp, entropy=0.5, confidence=-lp if self.engine.confidences else None,
+                              top_logprobs=(TopLogprob(1000 + i, text, lp),) if self.engine.confidences else (), finish_reason=finish)
 
 
 class ScriptedEngine:
@@ -50,8 +51,9 @@ class ScriptedEngine:
     ``delays``: prompt text → seconds per token (a model's pace)."""
 
     def __init__(self, scripts: dict[str, Script | list[Script]], *, name: str = "scripted", serial: bool = True,
-                 default: Script | None = None, delays: dict[str, float] | None = None) -> None:
+                 default: Script | None = None, delays: dict[str, float] | None = None, confidences: bool = True) -> None:
         self.scripts, self.name, self.serial, self.default, self.delays = scripts, name, serial, default, delays or {}
+        self.confidences = confidences
         self.kind = "scripted"
         self.produced = 0
         self.opened: list[tuple[Prompt, GenerationParams]] = []

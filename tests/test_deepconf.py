@@ -66,12 +66,23 @@ def test_online_traces_stop_at_the_first_token_below_the_threshold(online):
 
 
 def test_vote_is_the_hand_computed_weighted_vote(online):
-    result, _ = online
-    kept = [o for o in result.traces if (o.warmup and o.score >= result.threshold) or (not o.warmup and o.reason not in ("policy", "cancelled"))]
-    assert result.kept == [o.sample for o in kept]
+    """The reference's rule (wrapper.py): a trace votes when it was not
+    stopped, its lowest group confidence (from its token events) is at least
+    the threshold, and it has an answer; weighted by that score."""
+    from livepp.car.answers import extract_answer
+
+    result, rec = online
+    votes = []
+    for o in result.traces:
+        tokens = [e for e in rec.events[o.sample] if e.type == "token"]
+        end = next(e for e in rec.events[o.sample] if e.type == "end")
+        score = lowest_group_confidence(tokens, GROUP)
+        if end.reason != "policy" and score >= result.threshold and extract_answer(end.text) is not None:
+            votes.append((o.sample, extract_answer(end.text), score))
+    assert result.kept == [s for s, _, _ in votes]
     weights = {}
-    for o in kept:
-        weights[o.answer] = weights.get(o.answer, 0.0) + o.score
+    for _, answer, score in votes:
+        weights[answer] = weights.get(answer, 0.0) + score
     assert result.weights == pytest.approx(weights)
     assert result.answer == max(weights, key=weights.get)
     assert result.tokens == sum(o.n_tokens for o in result.traces)

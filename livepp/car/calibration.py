@@ -19,7 +19,9 @@ short answer the model finds more surprising is never trusted more. (Two
 class variances make the posterior rise again far out in the tail of the
 narrower class, which kept very surprising answers.) If the correct answers
 had the *higher* mean PPL, b would be positive; the posterior is then held at
-the prior (b = 0): PPL is no evidence of correctness in that direction. The
+the prior (b = 0), exactly: PPL is no evidence of correctness in that
+direction, so no temperature applies either (scaling a constant would only
+move it towards 1/2, away from the observed rate of correct answers). The
 per-class variances are still fitted and stored, for the report's
 histograms; files written before this method (no ``method`` field) load and
 are evaluated with the pooled variance of their two classes, weighted by
@@ -106,10 +108,15 @@ class Calibration:
     cv_brier_scaled: float | None = None
     cv_nll_scaled: float | None = None
     cv_routing: dict | None = None
-    # Early routing: one model per prefix length (livepp.car.heldout.prefix_models)
-    # and the shortest prefix worth routing on.
+    # The nested figures' per-fold temperature and space (each fitted inside its training folds).
+    cv_fold_temperatures: list | None = None
+    cv_fold_spaces: list | None = None
+    # Early routing: one model per prefix length (livepp.car.early.prefix_models),
+    # the shortest prefix worth routing on (chosen out of fold), and what
+    # routing early from it did on held-out answers (nested).
     prefix_models: list | None = None
     early_min_tokens: int | None = None
+    cv_early: dict | None = None
 
     def for_prefix(self, tokens: int) -> "Calibration | None":
         """The calibration for the running PPL after ``tokens`` tokens: the
@@ -150,14 +157,13 @@ class Calibration:
     def posterior_correct(self, ppl: float) -> float:
         """P(correct | this short answer's PPL)."""
         a, b = self.logistic
+        if b == 0.0:
+            self._x(ppl)  # still refuses a PPL that is not one
+            return self.prior_correct  # no evidence: the prior, unscaled (module docstring)
         if math.isinf(ppl):
-            if b < 0:
-                return 0.0
-            z = a
-        else:
-            z = a + b * self._x(ppl)  # b == 0 gives exactly a
+            return 0.0
         # Temperature scaling divides the logit, which keeps it monotone.
-        z /= self.temperature
+        z = (a + b * self._x(ppl)) / self.temperature
         # A numerically safe sigmoid.
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 

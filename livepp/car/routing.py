@@ -24,7 +24,7 @@ from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import CARRouter
 from livepp.engines.protocol import Engine
 from livepp.engines.select import as_engine
-from livepp.car.answers import vote_key
+from livepp.car.answers import extract_answer
 
 __all__ = ["SHORT_PROMPT", "LONG_PROMPT", "LongRoute", "StepByStep", "Vote", "DeepConfRoute", "RouteOutcome", "short_answer", "route"]
 
@@ -85,9 +85,12 @@ class Vote:
 
     @staticmethod
     def _tally(texts: list[str], tokens: int) -> LongAnswer:
-        counts = Counter(vote_key(t) for t in texts)
+        # A sample with no extractable answer does not vote (as in DeepConf).
+        counts = Counter(a for a in map(extract_answer, texts) if a is not None)
+        if not counts:
+            return LongAnswer(texts[0] if texts else "", tokens, {"votes": 0, "samples": texts})
         winner, votes = counts.most_common(1)[0]
-        text = next(t for t in texts if vote_key(t) == winner)
+        text = next(t for t in texts if extract_answer(t) == winner)
         return LongAnswer(text, tokens, {"votes": votes, "samples": texts})
 
 

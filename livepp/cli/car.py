@@ -31,33 +31,41 @@ def _fail(message: str, as_json: bool, code: int) -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True, help="Route when P(correct | PPL) is below this.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N questions.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=24, show_default=True, help="Length cap of a short answer.")
+@click.option("--measure-long", is_flag=True, help="Also answer every question by the step-by-step long route and label it, so the "
+              "routing curve shows CAR with that long route, not only with a perfect one (slower).")
+@click.option("--long-max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="--measure-long: length cap of a long answer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
 @device_options
-def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, as_json, engine_kind, device, dtype) -> None:
+def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, threshold, limit, max_new_tokens, measure_long, long_max_tokens, as_json,
+                  engine_kind, device, dtype, exact) -> None:
     """Fit CAR's PPL model on labelled questions, with held-out figures.
 
     DATA is a JSONL file of {"question": ..., "answers": [accepted answers]}
     lines, or a built-in task: builtin:TASK[:SPLIT] with TASK one of sums,
     products, two-digit-sums, units, capitals, mixed and SPLIT calib (default)
     or eval (disjoint halves). AUROC, ECE and Brier score are reported
-    in-sample and from k-fold cross-validation; a temperature is fitted on
-    the held-out posteriors; early routing gets one model per prefix length.
+    in-sample and from k-fold cross-validation (everything fitted inside the
+    folds); a temperature is fitted on the held-out posteriors; early routing
+    gets one model per prefix length. The report has the routing curve:
+    accuracy and the fraction routed at every threshold, on held-out answers.
 
     \b
     Examples:
       livepp calibrate builtin:sums --out calib.json
+      livepp calibrate builtin:sums --out calib.json --measure-long --long-max-tokens 96
       livepp calibrate my_questions.jsonl --out calib.json --report report/
       livepp calibrate builtin:sums:eval --eval calib.json
     """
     try:
         if (out_path is None) == (eval_path is None):
             raise LiveppError("give --out FILE to fit a calibration, or --eval FILE to score one on DATA")
-        from livepp.car.calibrate import calibrate, evaluate, label_short_answers, write_labelled, write_report
+        from livepp.car.calibrate import (calibrate, evaluate, heldout_routing_curve, label_long_answers, label_short_answers, write_labelled,
+                                          write_report)
         from livepp.car.calibration import Calibration
         from livepp.car.tasks import load_questions
 
         questions = load_questions(data, limit=limit)
-        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         err = sys.stderr
 
         def progress(i: int, item: Any) -> None:
@@ -68,6 +76,16 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         fitted = Calibration.load(eval_path) if eval_path else None
         labelled = label_short_answers(engine, questions, max_new_tokens=max_new_tokens, progress=progress)
         err.write("\n")
+        if measure_long:
+            if fitted is not None:
+                raise LiveppError("--measure-long goes with --out (it draws the routing curve of a fit)")
+
+            def long_progress(i: int, item: Any) -> None:
+                err.write(f"\r[{i + 1}/{len(questions)}] long {'✓' if item.long_correct else '✗'} {item.question[:50]:<50}")
+                err.flush()
+
+            labelled = label_long_answers(engine, labelled, max_new_tokens=long_max_tokens, progress=long_progress)
+            err.write("\n")
         if fitted is not None:
             result = evaluate(fitted, labelled)
             if as_json:
@@ -88,8 +106,9 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
         out.parent.mkdir(parents=True, exist_ok=True)
         cal.save(out)
         files = write_report(cal, labelled, report)
+        curve = heldout_routing_curve(labelled, cal) if cal.cv_folds else None
         if as_json:
-            click.echo(dumps({"type": "calibration", **cal.to_dict(), "files": [str(f) for f in files]}))
+            click.echo(dumps({"type": "calibration", **cal.to_dict(), "files": [str(f) for f in files], "routing_curve": curve}))
             return
         n = len(labelled)
         click.echo(f"{n} questions · {cal.n_correct} correct ({100 * cal.n_correct / n:.0f}%) · {cal.n_incorrect} incorrect")
@@ -98,16 +117,51 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
             click.echo(f"held-out: not computed; {folds}-fold cross-validation needs at least 4 answers of each class")
         else:
             r = cal.cv_routing or {}
-            click.echo(f"held-out ({cal.cv_folds}-fold): AUROC {cal.cv_auroc:.3f} · ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} "
-                       f"after temperature scaling (T = {cal.temperature:.3f}) · Brier {cal.cv_brier:.3f} → {cal.cv_brier_scaled:.3f}")
+            temps = ", ".join(f"{t:.2f}" for t in cal.cv_fold_temperatures or [])
+            click.echo(f"held-out ({cal.cv_folds}-fold, everything fitted inside the folds): AUROC {cal.cv_auroc:.3f} · "
+                       f"ECE {cal.cv_ece:.3f} → {cal.cv_ece_scaled:.3f} · Brier {cal.cv_brier:.3f} → {cal.cv_brier_scaled:.3f} · "
+                       f"NLL {cal.cv_nll:.3f} → {cal.cv_nll_scaled:.3f} after temperature scaling (T per fold {temps}; shipped T = {cal.temperature:.3f})")
             click.echo(f"held-out routing: accuracy short only {r['accuracy_short_only']:.3f} · CAR with a perfect long route "
                        f"{r['accuracy_car_perfect_long']:.3f} · routed {100 * r['fraction_routed']:.0f}%")
-            click.echo(f"early routing: prefix models for {len(cal.prefix_models or [])} lengths; min_tokens {cal.early_min_tokens}")
+            click.echo(_early_line(cal))
+        if curve:
+            click.echo(_curve_table(curve))
         click.echo(f"fitted on {cal.space}: {cal.why_space}")
         click.echo(f"correct: mean {cal.mean_correct:.3f}, var {cal.var_correct:.4f} · incorrect: mean {cal.mean_incorrect:.3f}, var {cal.var_incorrect:.4f} · prior {cal.prior_correct:.2f}")
         click.echo(f"wrote {out} and {', '.join(str(f) for f in files)}")
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)
+
+
+def _curve_table(curve: list[dict[str, Any]]) -> str:
+    """The routing curve at thresholds 0.1 ... 0.9 (routing.png has every 0.05)."""
+    measured = curve[0].get("accuracy_car_measured_long") is not None
+    rows = ["held-out routing curve: threshold · routed · accuracy with a perfect long route" +
+            (" · with the measured long route" if measured else "")]
+    for c in curve:
+        if not (0 < c["threshold"] < 1 and abs(c["threshold"] * 10 - round(c["threshold"] * 10)) < 1e-9):
+            continue
+        row = f"  {c['threshold']:.1f} · {100 * c['fraction_routed']:3.0f}% · {c['accuracy_car_perfect_long']:.3f}"
+        rows.append(row + (f" · {c['accuracy_car_measured_long']:.3f}" if measured else ""))
+    if measured:
+        best = max(curve, key=lambda c: (c["accuracy_car_measured_long"], -c["fraction_routed"]))
+        rows.append(f"  short only {curve[0]['accuracy_short_only']:.3f}, long only {curve[0]['accuracy_long_only']:.3f}; with the measured "
+                    f"long route the best threshold is {best['threshold']:.2f} ({best['accuracy_car_measured_long']:.3f}, "
+                    f"{100 * best['fraction_routed']:.0f}% routed)")
+    return "\n".join(rows)
+
+
+def _early_line(cal: Any) -> str:
+    models = len(cal.prefix_models or [])
+    if cal.cv_early is None:
+        return f"early routing: prefix models for {models} lengths; off (too few answers of a class to choose where it starts)"
+    e = cal.cv_early
+    rule = f"early routes of correct answers within {100 * e['margin']:.0f}% of answers out of fold, and some answer routed before its end"
+    start = (f"from token {cal.early_min_tokens} (the shortest prefix with {rule})" if cal.early_min_tokens is not None else
+             f"off (no prefix has {rule})")
+    return (f"early routing: prefix models for {models} lengths; {start}; nested held-out: adds routes of correct answers "
+            f"{100 * e['extra_correct_routed']:.1f}%, of wrong ones {100 * e['extra_wrong_routed']:.1f}%, saves "
+            f"{100 * e['short_tokens_saved']:.1f}% of short-answer tokens")
 
 
 @click.command("route")
@@ -126,7 +180,7 @@ def calibrate_cmd(data, out_path, eval_path, folds, report_dir, model_path, thre
 @click.option("--short-max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="JSON events of both stages, the decision and the answer.")
 @device_options
-def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json, engine_kind, device, dtype) -> None:
+def route_cmd(question, calibration_path, task, early, model_path, long_model_path, long_remote, long_remote_model, long_route, long_max_tokens, short_max_tokens, as_json, engine_kind, device, dtype, exact) -> None:
     """Answer QUESTION by CAR routing: a short answer first; if its PPL says the
     model is unsure, long reasoning instead.
 
@@ -153,10 +207,10 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
         if calibration_path and task:
             raise LiveppError("give --calibration FILE or --task NAME, not both")
         cal = Calibration.load(calibration_path or shipped_calibration(task))
-        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+        engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
         if early and cal.early_min_tokens is None:
-            click.echo("livepp: warning: this calibration has no valid prefix models (re-run livepp calibrate with more answers "
-                       "of each class); --early will route only at the end of the short answer", err=True)
+            click.echo("livepp: warning: this calibration has no prefix to start early routing from (no prefix kept correct answers "
+                       "out of fold, or too few answers of a class); --early will route only at the end of the short answer", err=True)
         if cal.model != engine.name:
             click.echo(f"livepp: warning: the calibration was fitted for {cal.model!r}, not {engine.name!r}; "
                        f"its PPL scale may not fit this model (run livepp calibrate)", err=True)
@@ -221,39 +275,89 @@ def route_cmd(question, calibration_path, task, early, model_path, long_model_pa
 
 @click.command("replay")
 @click.argument("traces")
-@click.option("--policy", "specs", multiple=True, required=True, metavar="SPEC",
+@click.option("--policy", "specs", multiple=True, metavar="SPEC",
               help="NAME[:key=value,...], e.g. early-stop:threshold=8,metric=window_ppl,min_tokens=16 (repeatable).")
+@click.option("--sweep", "sweep_specs", multiple=True, metavar="SPEC",
+              help="A policy with one option stepped as key=LO..HI:STEP, e.g. early-stop:threshold=1.5..6:0.25 (repeatable): "
+                   "the trade-off at every value, printed and plotted.")
+@click.option("--plot", "plot_path", metavar="FILE", help="With one --sweep: where to write its PNG (default: beside TRACES).")
 @click.option("--json", "as_json", is_flag=True)
-def replay_cmd(traces, specs, as_json) -> None:
+def replay_cmd(traces, specs, sweep_specs, plot_path, as_json) -> None:
     """Run recorded `livepp generate --json` traces through other policies.
 
     Reports, per policy, where it would have fired, the tokens it would have
     saved and, for traces labelled with "correct", how many correct answers it
-    keeps and how many wrong ones it cuts short.
+    keeps and how many wrong ones it cuts short. --sweep runs a policy at
+    every value of one option and prints and plots the trade-off (tokens
+    saved against right answers kept and wrong answers stopped), with the
+    Pareto front (the values no other value beats on both) marked.
 
     \b
     Examples:
       livepp replay traces.jsonl --policy early-stop:threshold=6 --policy confidence-stop:threshold=9
       livepp replay traces.jsonl --policy spike:z=3 --json
+      livepp replay traces.jsonl --sweep early-stop:threshold=1.5..6:0.25,min_tokens=16
+      livepp replay traces.jsonl --sweep confidence-stop:threshold=8..14:0.5 --plot conf.png
     """
     try:
         from livepp.core.policies import parse_policy
         from livepp.core.replay import read_traces, replay
+        from livepp.core.sweep import parse_sweep
 
+        if not specs and not sweep_specs:
+            raise LiveppError("give --policy SPEC or --sweep SPEC")
+        if plot_path and len(sweep_specs) != 1:
+            raise LiveppError("--plot names the PNG of one --sweep")
         for spec in specs:
             parse_policy(spec)  # reject bad specs before any work
+        for spec in sweep_specs:
+            parse_sweep(spec)
         loaded = read_traces(traces)
         for spec in specs:
             report = replay(loaded, spec, lambda: parse_policy(spec))
             if as_json:
                 click.echo(dumps({"type": "replay", **report.to_dict()}))
                 continue
-            line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
-                    f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")
-            if report.labelled:
-                line += (f" · correct kept {report.correct_kept}/{report.correct_total}"
-                         f" · incorrect stopped {report.incorrect_stopped}/{report.incorrect_total}")
-            click.echo(line)
+            click.echo(_replay_line(spec, report))
             click.echo("  fired at token: " + ", ".join("–" if i is None else str(i) for i in report.fired_at))
+        for n, spec in enumerate(sweep_specs):
+            default = Path(traces).with_name(f"{Path(traces).stem}-sweep{'-' + str(n + 1) if len(sweep_specs) > 1 else ''}.png")
+            _print_sweep(loaded, spec, Path(plot_path) if plot_path else default, as_json)
     except LiveppError as exc:
         _fail(str(exc), as_json, 2)
+
+
+def _replay_line(spec: str, report: Any) -> str:
+    line = (f"{spec}: fired on {report.fired}/{report.traces} traces · tokens saved "
+            f"{report.tokens_saved}/{report.tokens_total} ({100 * report.to_dict()['saved_fraction']:.1f}%)")
+    if report.labelled:
+        line += (f" · correct kept {report.correct_kept}/{report.correct_total}"
+                 f" · incorrect stopped {report.incorrect_stopped}/{report.incorrect_total}")
+    return line
+
+
+def _print_sweep(loaded: Any, spec: str, plot: Path, as_json: bool) -> None:
+    from livepp.car.curves import plot_policy_sweep
+    from livepp.core.sweep import pareto_front, sweep
+
+    s, reports = sweep(loaded, spec)
+    labelled = bool(reports[0].correct_total)
+    front = pareto_front([(r.tokens_saved, r.correct_kept) for r in reports]) if labelled else [False] * len(reports)
+    title = f"{spec} over {reports[0].traces} traces" + (f" ({reports[0].correct_total} right, {reports[0].incorrect_total} wrong)"
+                                                        if labelled else "")
+    png = plot_policy_sweep(s.key, s.values, reports, plot, title=title)
+    if as_json:
+        for value, r, f in zip(s.values, reports, front):
+            click.echo(dumps({"type": "sweep_point", "sweep": spec, s.key: value, "pareto": f, **r.to_dict()}))
+        click.echo(dumps({"type": "sweep", "sweep": spec, "plot": str(png)}))
+        return
+    click.echo(title)
+    head = f"  {s.key:>10}  {'fired':>9}  {'tokens saved':>20}"
+    click.echo(head + (f"  {'right kept':>10}  {'wrong stopped':>13}  pareto" if labelled else ""))
+    for value, r, f in zip(s.values, reports, front):
+        saved = f"{r.tokens_saved}/{r.tokens_total} {100 * r.tokens_saved / max(r.tokens_total, 1):5.1f}%"
+        row = f"  {value:>10g}  {f'{r.fired}/{r.traces}':>9}  {saved:>20}"
+        if labelled:
+            row += f"  {f'{r.correct_kept}/{r.correct_total}':>10}  {f'{r.incorrect_stopped}/{r.incorrect_total}':>13}  {'*' if f else ''}"
+        click.echo(row)
+    click.echo(f"wrote {png}" + (" (* = Pareto front: no other value saves as many tokens and keeps as many right answers)" if labelled else ""))

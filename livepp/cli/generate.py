@@ -84,6 +84,7 @@ def generate(
     engine_kind: str,
     device: str,
     dtype: str,
+    exact: bool,
 ) -> None:
     """Generate a reply to PROMPT ('-' or nothing: read standard input) and
     show each token coloured by surprisal with live PPL, window PPL and entropy.
@@ -127,7 +128,7 @@ def generate(
             engine: Any = source_from_options(remote, remote_model, api=remote_api, api_key_env=api_key_env, timeout=timeout)
             start_params = {"remote": remote, "api": remote_api}
         else:
-            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
             start_params = {}
         if use_compile:
             from livepp.engines.torch.engine import TorchEngine

@@ -103,15 +103,13 @@ def _describe(summary: dict[str, Any]) -> str:
 @click.option("--prefix-token", default=None, metavar="bos|eos|ID", help="lm-eval: the token before the text (default: BOS, else EOS).")
 @click.option("--model", "model_path", metavar="PATH", help="A local .gguf file or Hugging Face model directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON, with every scored token.")
-@click.option("--exact", is_flag=True, help="--engine llama.cpp: decode every token on its own (slower), which equals llama.cpp's "
-              "token-by-token evaluation; by default windows are processed in batches, whose kernels may round differently.")
 @click.option("--remote", metavar="URL", help="Score on an OpenAI-compatible server that serves prompt logprobs (vLLM, SGLang, "
               "livepp serve), e.g. http://127.0.0.1:8000/v1: /v1/completions with echo, logprobs 0, max_tokens 1.")
 @click.option("--remote-model", metavar="NAME", help="The model name at --remote.")
 @click.option("--api-key-env", metavar="VAR", help="Environment variable holding the remote API key.")
 @device_options
-def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json, exact,
-          remote, remote_model, api_key_env, engine_kind, device, dtype) -> None:
+def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size, convention, prefix_token, model_path, as_json,
+          remote, remote_model, api_key_env, engine_kind, device, dtype, exact) -> None:
     """Perplexity of a text (FILE, or '-' for standard input), or of --target
     given --prompt, or of every record of a JSONL file.
 
@@ -163,11 +161,9 @@ def score(source, prompt, target, chat, as_jsonl, max_length, stride, batch_size
             raise LiveppError("--remote-model goes with --remote")
         from livepp.scoring.teacher_forced import score_target, score_text, score_text_lm_eval
 
-        if engine_kind == "auto":
-            from livepp.engines.llamacpp import llama_cpp_available
+        from livepp.cli.options import engine_kind_for
 
-            gguf = model_path is None or str(model_path).lower().endswith(".gguf")
-            engine_kind = "llama.cpp" if gguf and llama_cpp_available() else "torch"
+        engine_kind = engine_kind_for(model_path, engine_kind)
         if exact and engine_kind != "llama.cpp":
             raise LiveppError("--exact is for --engine llama.cpp (the torch engine has one path)")
         if engine_kind == "llama.cpp":

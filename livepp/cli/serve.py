@@ -53,7 +53,7 @@ __all__ = ["serve_cmd"]
 @device_options
 def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_per_connection, remote, remote_model, api_key_env, calibration,
               allowed_origins, allowed_hosts, max_batch, max_queue, prefill_chunk, policy_specs, send_timeout, max_jobs, max_connections,
-              workers, vocab_size, engine_kind, device, dtype) -> None:
+              workers, vocab_size, engine_kind, device, dtype, exact) -> None:
     """Serve the live page at / , the websocket API at /ws, the
     OpenAI-compatible API at /v1 and /healthz. With --remote, a monitoring
     gateway: /v1 requests go on to that engine, each one monitored, stoppable
@@ -86,7 +86,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             engine.vocab_size = vocab_size or probe_vocab_size(engine)
             name = f"{remote_model} at {remote}"
         else:
-            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind)
+            engine = local_engine(model_path, device=device, dtype=dtype, engine=engine_kind, exact=exact)
             name = engine.name
         if max_batch is None:
             on_gpu = getattr(getattr(engine, "decoder", None), "device", None)

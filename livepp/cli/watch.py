@@ -67,7 +67,7 @@ def _file_blocks(handle: Any, *, follow: bool, idle: float, poll: float) -> Iter
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON event per line instead of the live view.")
 @device_options
 def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride, window, top_logprobs, policy_specs,
-              show_steps, step_regex, as_json, engine_kind, device, dtype) -> None:
+              show_steps, step_regex, as_json, engine_kind, device, dtype, exact) -> None:
     """Score a text stream with a local proxy model as it arrives: FILE (with
     --follow, while it is being written) or standard input.
 
@@ -85,8 +85,8 @@ def watch_cmd(source, prompt, chat, model_path, follow, idle, max_length, stride
     from livepp.cli.common import command_failed, monitor_one
 
     try:
-        if engine_kind not in ("torch", "auto"):
-            raise LiveppError("watch scores with the torch engine (--engine torch)")
+        if engine_kind not in ("torch", "auto") or exact:
+            raise LiveppError("watch scores with the torch engine (--engine torch), which has one path: no --exact")
         if source == "-" and sys.stdin.isatty():
             raise LiveppError("give a FILE, or pipe the text into standard input")
         if follow and source == "-":

@@ -250,9 +250,15 @@ def warmup_threshold(lowest_group_confidences: Sequence[float], keep_percent: fl
         raise LiveppError("need at least one warm-up trace to set a confidence threshold")
     if not 0 < keep_percent <= 100:
         raise LiveppError(f"keep_percent must be in (0, 100], got {keep_percent}")
+    if any(math.isnan(v) for v in values):
+        raise LiveppError("a warm-up score is NaN; a trace without confidences scores 0 (livepp.car.trace_scores)")
     q = (100.0 - keep_percent) / 100.0 * (len(values) - 1)
     lo = math.floor(q)
     hi = min(lo + 1, len(values) - 1)
+    if q == lo or values[hi] == values[lo]:
+        return values[lo]  # no interpolation: also keeps inf - inf out
+    if math.isinf(values[lo]) or math.isinf(values[hi]):
+        return values[hi] if math.isinf(values[hi]) and values[hi] > 0 else values[lo]
     return values[lo] + (values[hi] - values[lo]) * (q - lo)
 
 
@@ -266,8 +272,8 @@ class ConfidenceStop:
     """
 
     def __init__(self, threshold: float, *, min_tokens: int | None = None) -> None:
-        if not math.isfinite(threshold):
-            raise ValueError(f"threshold must be finite, got {threshold}")
+        if math.isnan(threshold):
+            raise ValueError(f"threshold must be a number, got {threshold}")
         self.threshold = threshold
         self.min_tokens = min_tokens
         self.name = f"ConfidenceStop(group_confidence<{threshold:.4g})"
@@ -322,8 +328,13 @@ class StepPPL:
     """Judge reasoning steps: when a step's PPL exceeds ``threshold`` (steps
     of at least ``min_tokens`` tokens), ``action``: stop, note or route.
     Steps are the monitor's (a blank line or a new "Step N" / numbered line
-    ends one; ``--step-regex`` changes the rule); a step that is surprising to
-    the model is where reasoning tends to go wrong (SPIRIT)."""
+    ends one; ``--step-regex`` changes the rule).
+
+    The step PPL is the PPL of the step's own tokens given everything before
+    them: exp of their mean NLL, as the model generated them. It is not
+    SPIRIT's step measure (the change in the PPL of the rest of the solution
+    when the step is removed), which needs the text re-scored without the
+    step; livepp does not compute that one."""
 
     def __init__(self, threshold: float, *, action: str = "stop", min_tokens: int = 1) -> None:
         if not (threshold > 1.0 and math.isfinite(threshold)):

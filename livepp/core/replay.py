@@ -23,7 +23,7 @@ from livepp.core.policies import Policy
 from livepp.core.stream import RecordStream
 from livepp.core.tracker import Tracker
 
-__all__ = ["Trace", "read_traces", "replay_trace", "PolicyReport", "replay"]
+__all__ = ["Trace", "read_traces", "record_of", "replay_trace", "PolicyReport", "replay"]
 
 
 @dataclass
@@ -45,7 +45,8 @@ def _label(value: Any, where: str) -> bool | None:
     raise LiveppError(f'{where}: "correct" must be true or false (a JSON boolean), got {value!r}')
 
 
-def _record(event: dict[str, Any], where: str) -> TokenRecord:
+def record_of(event: dict[str, Any], where: str) -> TokenRecord:
+    """The token record a ``--json`` token event was made from."""
     if "logprob" not in event:
         raise LiveppError(f"{where}: malformed token event (no logprob)")
     try:
@@ -76,7 +77,7 @@ def read_traces(path: str | Path) -> list[Trace]:
         elif kind == "token":
             if current is None:
                 raise LiveppError(f"{where}: token event before any start event")
-            current.records.append(_record(event, where))
+            current.records.append(record_of(event, where))
         elif kind == "end":
             if current is None:
                 raise LiveppError(f"{where}: end event before any start event")
