@@ -5,8 +5,8 @@ llama.cpp (through llama-cpp-python's low-level API) computes the logits;
 everything after them is livepp's own, shared with the torch engine: the
 full-vocabulary raw logprob, entropy, top-k and DeepConf confidence, and the
 sampling with the same parameters and seeded generators
-(:func:`~livepp.engines.torch.sampling.next_token_stats` on the logits, which
-are wrapped without a copy), the same text side (EOS, stop strings, UTF-8-safe
+(:func:`~livepp.engines.torch.sampling.batch_token_stats` on the ``[rows,
+vocab]`` logits block of a step, wrapped without a copy), the same text side (EOS, stop strings, UTF-8-safe
 incremental detokenization) and the Hugging Face tokenizer and chat template
 of the same GGUF, so prompts are the same token ids on both engines.
 
@@ -103,10 +103,11 @@ class LlamaContext:
         ids = {self.lib.llama_vocab_eos(self.vocab), self.lib.llama_vocab_eot(self.vocab)}
         return {i for i in ids if i >= 0}
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, copy: bool = True) -> list[torch.Tensor]:
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, copy: bool = True) -> torch.Tensor:
         """Decode ``(token, position, sequence, wants_logits)`` entries in one
-        ``llama_decode``; the logits of those that want them, as fp32 tensors
-        (``copy=False``: views of llama.cpp's buffer, valid until the next decode)."""
+        ``llama_decode``; the logits of those that want them, in order, as one
+        fp32 ``[n, V]`` block (``copy=False``: a view of llama.cpp's buffer,
+        valid until the next decode)."""
         b = self.batch
         for i, (token, pos, seq, logits) in enumerate(entries):
             b.token[i] = token
@@ -119,19 +120,18 @@ class LlamaContext:
         self.decode_calls += 1
         if rc != 0:
             raise LiveppError(f"llama_decode failed ({rc}): the context of {self.n_ctx} cells is full or the batch is invalid")
-        out = []
-        for i, entry in enumerate(entries):
-            if entry[3]:
-                ptr = self.lib.llama_get_logits_ith(self.ctx, i)
-                view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-                # llama.cpp reuses its buffer at the next decode.
-                out.append(torch.from_numpy(view.copy() if copy else view))
-        return out
+        wanted = sum(1 for entry in entries if entry[3])
+        if not wanted:
+            return torch.empty((0, self.n_vocab))
+        # llama.cpp keeps the wanted logits contiguous, in batch order.
+        view = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(wanted, self.n_vocab))
+        # llama.cpp reuses its buffer at the next decode.
+        return torch.from_numpy(view.copy() if copy else view)
 
     def prefill(self, prompt: Sequence[int], seq: int, *, exact: bool) -> torch.Tensor:
         """Process a prompt into ``seq``; the next-token logits."""
         step = 1 if exact else self.n_batch
-        logits: list[torch.Tensor] = []
+        logits = torch.empty(0)
         for start in range(0, len(prompt), step):
             chunk = prompt[start : start + step]
             last = start + len(chunk) == len(prompt)
@@ -220,7 +220,7 @@ class LlamaCppEngine:
             first, logits = len(row) - keep, []
             for start in range(0, len(row), step):
                 chunk = row[start : start + step]
-                logits += llama.decode([(t, start + k, 0, start + k >= first) for k, t in enumerate(chunk)])
+                logits += list(llama.decode([(t, start + k, 0, start + k >= first) for k, t in enumerate(chunk)]))
             out.append(torch.stack(logits))
         llama.clear()
         return torch.stack(out)
@@ -302,7 +302,7 @@ class LlamaBackend:
 
         def run(prompt: tuple[int, ...], seq: int, start: int, end: int, last: bool) -> Any:
             out = self.llama.decode([(prompt[k], k, seq, k == len(prompt) - 1) for k in range(start, end)])
-            if out:
+            if len(out):
                 logits_of[seq] = out[0]
             if not last:
                 return None
@@ -347,7 +347,7 @@ class LlamaBackend:
                 out = self.llama.decode([(ids[k], k, seq, wanted(k)) for k in range(start, end)])
                 scored = [k for k in range(start, end) if spec.first <= k + 1 <= n - 1]
                 if scored:
-                    on_scores(position_scores(torch.stack(out[: len(scored)]), [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
+                    on_scores(position_scores(out[: len(scored)], [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
                 return out[-1][None] if end == n else None
 
             yield run

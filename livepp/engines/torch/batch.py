@@ -28,7 +28,7 @@ from livepp.core.events import TokenRecord
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.stream import RowBatch
 from livepp.engines.protocol import ScoreSpec, is_token_ids
-from livepp.engines.torch.sampling import next_token_stats, unpack_stats
+from livepp.engines.torch.sampling import batch_token_stats, next_token_stats, unpack_stats
 
 __all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "records_or_raise", "SteppedRows", "BatchStream", "BatchDecoder"]
 
@@ -87,28 +87,37 @@ def new_row(dec: Decoder, index: int, request: BatchRequest) -> Row:
     return Row(index, request, TextTracker(dec.tokenizer, dec.eos_ids, p, max_new), gen, len(request.prompt_ids))
 
 
-def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list[TokenRecord | Exception]:
+def sample_rows(dec: Any, rows: Sequence[Row], logits: Any) -> list[TokenRecord | Exception]:
     """Each row's next token and statistics from its logits row (``logits[k]``
-    for ``rows[k]``), with that row's own sampling parameters and generator,
+    for ``rows[k]``: a ``[rows, V]`` block, or a list of ``[V]`` rows), in one
+    vectorised pass with each row's own sampling parameters and generator,
     brought back in one host sync. Marks rows that end.
 
     A row whose sampling or detokenization raises gets its exception in its
     place (and is done, with finish "error"); the other rows are unaffected,
     so one bad request never ends another's generation."""
     out: list[TokenRecord | Exception | None] = [None] * len(rows)
-    packed: list[tuple[int, torch.Tensor]] = []
+    if not rows:
+        return []
+    block = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
     with torch.inference_mode():
-        for k, r in enumerate(rows):
-            try:
-                packed.append((k, next_token_stats(logits[k], r.request.params, r.generator)))
-            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its consumer
-                out[k] = _failed(r, exc)
-        flat = torch.cat([t for _, t in packed]).tolist() if packed else []
-    offset = 0
-    for k, t in packed:
-        r = rows[k]
         try:
-            r.stats = stats = unpack_stats(flat[offset : offset + t.numel()])
+            packed, failed = batch_token_stats(block, [r.request.params for r in rows], [r.generator for r in rows])
+            flat = packed.tolist()  # the one host sync
+        except Exception:  # noqa: BLE001 - a shared failure: each row alone, so it stays that row's
+            flat, failed = [], {}
+            for k, r in enumerate(rows):
+                try:
+                    flat.append(next_token_stats(block[k], r.request.params, r.generator).tolist())
+                except Exception as exc:  # noqa: BLE001
+                    flat.append([])
+                    failed[k] = exc
+    for k, r in enumerate(rows):
+        if k in failed:
+            out[k] = _failed(r, failed[k])
+            continue
+        try:
+            r.stats = stats = unpack_stats(flat[k], r.request.params.top_logprobs)
             text, finish = r.text.add(stats.token_id)
             if finish is not None:
                 r.done, r.finish = True, finish
@@ -116,7 +125,6 @@ def sample_rows(dec: Decoder, rows: Sequence[Row], logits: torch.Tensor) -> list
             out[k] = token_record(stats, text, finish, dec._alternatives(stats.top))
         except Exception as exc:  # noqa: BLE001
             out[k] = _failed(r, exc)
-        offset += t.numel()
     return out  # type: ignore[return-value]
 
 
