@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from livepp.core.batch_monitor import MonitoredBatch, sample_emitter
 from livepp.engines.protocol import Engine, Prompt
@@ -41,7 +41,7 @@ from livepp.engines.select import as_engine
 from livepp.core.events import EndEvent, TokenEvent
 from livepp.core.monitor import Sink
 from livepp.core.params import GenerationParams, LiveppError
-from livepp.core.policies import ConfidenceStop, warmup_threshold
+from livepp.core.policies import ConfidenceStop, Policy, warmup_threshold
 from livepp.car.answers import vote_key
 from livepp.core.tracker import Tracker
 
@@ -95,11 +95,12 @@ def weighted_vote(votes: Sequence[tuple[str, float]]) -> tuple[str | None, dict[
 
 
 def _run(engine: Engine, prompt: Prompt, params: list[GenerationParams], first_sample: int, *, group: int, sinks: Sequence[Sink],
-         stop_below: float | None = None, warmup: bool, consensus: Any = None) -> list[TraceOutcome]:
+         stop_below: float | None = None, warmup: bool, consensus: Any = None,
+         policies: Callable[[], Sequence[Policy]] = lambda: []) -> list[TraceOutcome]:
     """Run a batch of traces; sample numbers start at ``first_sample``."""
     batch = MonitoredBatch(
         engine.open_batch([prompt] * len(params), params), params, model=engine.name, engine=engine.kind,
-        policies=lambda i: [ConfidenceStop(stop_below)] if stop_below is not None else [],
+        policies=lambda i: [*policies(), *([ConfidenceStop(stop_below)] if stop_below is not None else [])],
         tracker_factory=lambda: Tracker(confidence_window=group),
         run_params={"confidence_window": group},
         sample_offset=first_sample,
@@ -152,8 +153,11 @@ def think(
     consensus: float | None = None,
     raw: bool = False,
     sinks: Sequence[Sink] = (),
+    policies: Callable[[], Sequence[Policy]] = lambda: [],
 ) -> ThinkResult:
-    """Answer ``question`` with DeepConf over ``traces`` sampled traces (module docstring)."""
+    """Answer ``question`` with DeepConf over ``traces`` sampled traces
+    (module docstring). ``policies``: more policies for every trace, e.g. an
+    ``Inject`` that appends "Wait," to the traces it fires on (each trace its own)."""
     if mode not in ("online", "offline"):
         raise LiveppError(f"mode must be online or offline, got {mode!r}")
     if traces < 1 or (mode == "online" and not 1 <= warmup < traces):
@@ -174,11 +178,11 @@ def think(
     request = lambda j: replace(params, seed=seed + j)  # noqa: E731
 
     if mode == "offline":
-        outcomes = _run(engine, text, [request(j) for j in range(traces)], 0, group=group, sinks=sinks, warmup=False)
+        outcomes = _run(engine, text, [request(j) for j in range(traces)], 0, group=group, sinks=sinks, warmup=False, policies=policies)
         threshold = warmup_threshold([o.score for o in outcomes], eta)
         kept = [o for o in outcomes if o.score >= threshold]
     else:
-        warm = _run(engine, text, [request(j) for j in range(warmup)], 0, group=group, sinks=sinks, warmup=True)
+        warm = _run(engine, text, [request(j) for j in range(warmup)], 0, group=group, sinks=sinks, warmup=True, policies=policies)
         threshold = warmup_threshold([o.score for o in warm], eta)
         kept = [o for o in warm if o.score >= threshold]
 
@@ -191,7 +195,7 @@ def think(
             return winner is not None and total > 0 and weights[winner] / total >= consensus
 
         rest = _run(engine, text, [request(j) for j in range(warmup, traces)], warmup, group=group, sinks=sinks,
-                    stop_below=threshold, warmup=False, consensus=reached)
+                    stop_below=threshold, warmup=False, consensus=reached, policies=policies)
         outcomes = warm + rest
         kept = kept + [o for o in rest if o.reason not in ("policy", "cancelled")]
     answer, weights = weighted_vote([(o.answer, o.score) for o in kept])

@@ -35,7 +35,9 @@ from livepp.core.events import PositionScore, TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, records_or_raise, sample_rows
+from livepp.engines.feeding import Feed
+from livepp.engines.torch.batch import (Row, SteppedRows, batch_requests, generating_feed, injection_ids, new_row, records_or_raise,
+                                       sample_rows, split_step)
 from livepp.engines.torch.decoder import alternatives, encode_prompt
 from livepp.engines.torch.sampling import position_scores
 
@@ -180,6 +182,10 @@ class LlamaCppEngine:
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, raw=raw, name=self.name)
 
+    def encode_text(self, text: str) -> list[int]:
+        """A text's ids without special tokens (an injected text)."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def check(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise LiveppError("the prompt has no tokens")
@@ -193,7 +199,8 @@ class LlamaCppEngine:
     # ---- the engine protocol ---------------------------------------------------
     def open(self, prompt: Prompt, params: GenerationParams) -> RecordStream:
         batch = self.open_batch([prompt], [params])
-        return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close)
+        return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close,
+                            on_inject=lambda text: batch.inject(0, text))
 
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "LlamaBatch":
         if len(prompts) > self.max_rows:
@@ -236,6 +243,12 @@ class LlamaBatch(SteppedRows):
         self.engine, self.rows = engine, rows
         super().__init__([r.request.prompt_ids for r in rows])
 
+    def inject(self, index: int, text: str) -> None:
+        """Append ``text`` to row ``index`` only (its sequence), fed at its next step."""
+        row = self.rows[index]
+        if not row.done:
+            row.inject_ids += injection_ids(self.engine.encode_text, text, row.position + len(row.inject_ids), self.engine.context_length)
+
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
         engine, llama = self.engine, self.engine.llama
         if engine._busy:
@@ -252,9 +265,9 @@ class LlamaBatch(SteppedRows):
                 else:
                     llama.copy(first[prompt][0], r.index)  # N samples of one prompt share its prefill
                 logits.append(first[prompt][1])
-            active = list(self.rows)
+            active, injected = list(self.rows), {}
             while active:
-                yield from self._emit(active, records_or_raise(sample_rows(engine, active, logits)))
+                yield from self._emit(active, records_or_raise(sample_rows(engine, active, logits, injected)))
                 self._apply_stops(self.rows)
                 for r in active:
                     if r.done:
@@ -262,13 +275,21 @@ class LlamaBatch(SteppedRows):
                 active = [r for r in active if not r.done]
                 if not active:
                     return
-                # Sampled before the next decode, so llama.cpp's buffer is read in place.
-                logits = llama.decode([(r.last_token, r.position, r.index, True) for r in active], copy=False)
-                for r in active:
-                    r.position += 1
+                logits, injected = decode_step(llama, active, [r.index for r in active])
         finally:
             llama.clear()
             engine._busy = False
+
+
+def decode_step(llama: LlamaContext, rows: Sequence[Row], seqs: Sequence[int]) -> tuple[torch.Tensor, dict[int, tuple[list[int], torch.Tensor]]]:
+    """One ``llama_decode`` for every row (row k in sequence ``seqs[k]``,
+    :func:`~livepp.engines.torch.batch.generating_feed`): the next-token
+    logits [rows, V] (a view of llama.cpp's buffer: read before the next
+    decode) and each injecting row's ids and their logits."""
+    feeds = [generating_feed(r) for r in rows]
+    block = llama.decode([(t, f.start + j, seq, True) for f, seq in zip(feeds, seqs) for j, t in enumerate(f.ids)], copy=False)
+    logits, injected, _ = split_step(rows, feeds, block)
+    return logits, injected
 
 
 class LlamaBackend:
@@ -360,8 +381,19 @@ class LlamaBackend:
                 self._leave(seq)
         self._pending = []
 
-    def step(self, rows: Sequence[Row]) -> Any:
-        return self.llama.decode([(r.last_token, r.position, seq, True) for r, seq in zip(rows, self._active)], copy=False)
+    def step(self, rows: Sequence[Row], feeds: Sequence[Feed]) -> Any:
+        """One decode: each row its feed in its sequence; the wanted slots' logits, rows in order."""
+        entries = []
+        for seq, feed in zip(self._active, feeds):
+            if feed.forget:
+                self.llama.forget(seq)
+            wanted = set(feed.wanted)
+            entries += [(t, feed.start + j, seq, j in wanted) for j, t in enumerate(feed.ids)]
+        return self.llama.decode(entries, copy=False)
+
+    def join_empty(self) -> None:
+        """A row with nothing to prefill (a fed row) joins the batch in a free sequence."""
+        self._active.append(self._free.pop(0))
 
     def keep(self, keep: list[int]) -> None:
         kept = set(keep)

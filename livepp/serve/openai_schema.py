@@ -207,7 +207,8 @@ def _token_entry(event: TokenEvent, top: int) -> dict[str, Any]:
 
 
 def token_stats(event: TokenEvent) -> dict[str, Any]:
-    return json_safe({name: getattr(event, name) for name in TOKEN_STATS})
+    stats = json_safe({name: getattr(event, name) for name in TOKEN_STATS})
+    return stats | {"injected": True} if event.injected else stats  # text an inject policy appended
 
 
 class ChoiceBuilder:

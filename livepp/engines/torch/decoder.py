@@ -319,7 +319,7 @@ class Decoder:
         def hook(*_: Any) -> None:
             counter[0] += 1
 
-        handle = self.model.register_forward_pre_hook(hook)
+        handle = self.model.base_model.register_forward_pre_hook(hook)  # every path runs the base model
         try:
             yield counter
         finally:
