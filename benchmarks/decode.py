@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8", help="batch sizes of the llama.cpp engine against the bare loop")
     ap.add_argument("--batch-only", action="store_true", help="only the llama.cpp engine against the bare loop at each batch size")
     args = ap.parse_args()
+    if args.batch_only:
+        return batch_main(args)
     n = args.tokens
 
     loaded = load_model()
@@ -172,8 +174,6 @@ def main() -> None:
     print(f"model {loaded.name}, {len(prompt_ids)} prompt tokens, {n} new tokens, batch 1, "
           f"{torch.get_num_threads()} threads, best of {args.repeats}")
 
-    if args.batch_only:
-        return batch_main(args)
     runs = {
         "HF generate (greedy)": lambda: hf_generate(loaded.model, ids, n),
         "HF generate + TextIteratorStreamer": lambda: hf_streamer(loaded.model, loaded.tokenizer, ids, n),
