@@ -11,16 +11,17 @@ so the caller brings everything back to the host with a single
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from livepp.core.events import PositionScore
 from livepp.core.params import GenerationParams
 
-__all__ = ["StepStats", "batch_token_stats", "sample_token", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
+__all__ = ["StepStats", "torch_threads", "batch_token_stats", "sample_token", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
 #                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
@@ -82,6 +83,23 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     candidates = torch.gather(blocks, -2, best[..., None].expand(*best.shape, _BLOCK)).flatten(-2)
     values, within = torch.topk(candidates, k)
     return values, torch.gather(best, -1, within // _BLOCK) * _BLOCK + within % _BLOCK
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as they are). The
+    llama.cpp engine takes its statistics on one: llama.cpp's own threads
+    spin for a while after each decode, and torch's second thread fighting
+    them for a core made a batch's statistics up to 20x slower."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def sample_token(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
