@@ -16,8 +16,12 @@ embedded model's own GGUF on llama.cpp: livepp's llama.cpp engine with full
 monitoring, the same engine loop with statistics off (token id and logprob
 only, as "livepp, monitoring off"), a raw llama.cpp loop with nothing of
 livepp's (one token per `llama_decode`, argmax), llama-cpp-python's own streaming
-`create_completion(logprobs=5)` path, and the llama.cpp engine's aggregate
-tokens/s at batch 8 against batch 1.
+`create_completion(logprobs=5)` path, and, at batch 1, 4 and 8 (`--batches`),
+the llama.cpp engine with full monitoring (aggregate tokens/s of N greedy
+rows of one prompt, every row with its own statistics, tracker, policy and
+serialised events) against a bare llama.cpp loop at the same batch size: N
+sequences of one context, one `llama_decode` per step for all of them, argmax
+only (`--batch-only` runs just these rows).
 """
 
 from __future__ import annotations
@@ -93,6 +97,43 @@ def llama_bare(ctx, prompt_ids, n):
     return n / (time.perf_counter() - t)
 
 
+def llama_bare_batch(ctx, prompt_ids, rows, n):
+    """The baseline of a batch: ``rows`` sequences of one llama.cpp context
+    share one prefill, then one ``llama_decode`` per step decodes a token for
+    every sequence, each the argmax of its logits; nothing of livepp's."""
+    import numpy as np
+
+    ctx.clear()
+    t = time.perf_counter()
+    first = ctx.prefill(prompt_ids, 0, exact=False).numpy()
+    for seq in range(1, rows):
+        ctx.copy(0, seq)
+    tokens = [int(np.argmax(first))] * rows
+    for pos in range(len(prompt_ids), len(prompt_ids) + n - 1):
+        block = ctx.decode([(tokens[seq], pos, seq, True) for seq in range(rows)], copy=False).numpy()
+        tokens = np.argmax(block, axis=1).tolist()
+    return rows * n / (time.perf_counter() - t)
+
+
+def llama_engine_batch(engine, rows, n):
+    """The llama.cpp engine, ``rows`` greedy rows of one prompt with full
+    monitoring: each row's statistics, its own tracker and policy, and every
+    event serialised (the batch form of ``livepp_full``)."""
+    from livepp.core.batch_monitor import MonitoredBatch
+
+    params = GenerationParams(max_new_tokens=n, ignore_eos=True, top_logprobs=5, confidence_k=20, entropy=True)
+    sink = JsonSerialisingSink()
+    t = time.perf_counter()
+    batch = MonitoredBatch(engine.open_batch([PROMPT] * rows, [params] * rows), [params] * rows, model=engine.name,
+                           engine=engine.kind, policies=lambda i: [EarlyStop(1e9, metric="window_ppl")])
+    ends = 0
+    for _, event in batch:
+        sink.emit(event)
+        ends += event.type == "end" and event.n_tokens == n
+    assert ends == rows
+    return rows * n / (time.perf_counter() - t)
+
+
 def llama_own_logprobs(llm, prompt_ids, n):
     t = time.perf_counter()
     count = 0
@@ -118,7 +159,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also measure the torch.compile path (minutes of compile time)")
     ap.add_argument("--no-llama", action="store_true", help="leave out the llama.cpp rows")
+    ap.add_argument("--batches", default="1,4,8", help="batch sizes of the llama.cpp engine against the bare loop")
+    ap.add_argument("--batch-only", action="store_true", help="only the llama.cpp engine against the bare loop at each batch size")
     args = ap.parse_args()
+    if args.batch_only:
+        return batch_main(args)
     n = args.tokens
 
     loaded = load_model()
@@ -194,6 +239,37 @@ def main() -> None:
         comp = best["livepp --compile, full monitoring"]
         print(f"  livepp --compile / HF generate       {comp / hf:5.2f}x   (target >= 1.25x); "
               f"first run incl. compile {compile_s:.0f} s")
+
+
+def batch_main(args) -> None:
+    """The llama.cpp engine with full monitoring against the bare batched loop."""
+    from livepp.engines.llamacpp import LlamaContext, LlamaCppEngine
+
+    n, batches = args.tokens, [int(b) for b in args.batches.split(",")]
+    engine = LlamaCppEngine()
+    ctx = LlamaContext(engine.path, n_seq=max(batches))
+    ids = engine.encode(PROMPT)
+    print(f"model {engine.name} (llama.cpp), {len(ids)} prompt tokens, {n} new tokens per row, best of {args.repeats}, interleaved")
+    runs = {}
+    for b in batches:
+        runs[f"bare llama.cpp loop, batch {b} (argmax only)"] = lambda b=b: llama_bare_batch(ctx, ids, b, n)
+        runs[f"llama.cpp engine, batch {b}, full monitoring"] = lambda b=b: llama_engine_batch(engine, b, n)
+    for fn in runs.values():  # warm-up
+        fn()
+    best = {name: 0.0 for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            best[name] = max(best[name], fn())
+    width = max(map(len, runs))
+    print()
+    for name, tps in best.items():
+        print(f"  {name:<{width}}  {tps:6.1f} tokens/s (aggregate)")
+    print()
+    for b in batches:
+        ratio = best[f"llama.cpp engine, batch {b}, full monitoring"] / best[f"bare llama.cpp loop, batch {b} (argmax only)"]
+        print(f"  batch {b}: engine with full monitoring / bare loop  {ratio:5.2f}x   (target >= 0.95x at batch 8)")
+    ctx.close()
+    engine.close()
 
 
 if __name__ == "__main__":

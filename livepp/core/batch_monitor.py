@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Sequence
 
-from livepp.core.monitor import Monitor, Session
+from livepp.core.monitor import NO_INJECTION, Monitor, Session
 from livepp.core.params import GenerationParams, LiveppError
 from livepp.core.policies import Policy, injects
 from livepp.core.stream import BatchTokenStream
@@ -33,8 +33,8 @@ class MonitoredBatch:
             monitor = Monitor(sinks=[_Collect(self._events, i)], keep_events=False, tracker_factory=tracker_factory, steps=steps)
             row_params = p.to_dict() | dict(run_params or {}) | {"sample": sample_offset + i}
             row_policies = list(policies(i))
-            if injects(row_policies):
-                raise LiveppError("inject policies run on a single stream of a local engine, not on the rows of a batch")
+            if injects(row_policies) and getattr(stream, "inject", None) is None:
+                raise LiveppError(NO_INJECTION)
             self.sessions.append(monitor.session(model=model, prompt_token_ids=ids, params=row_params, policies=row_policies,
                                                  engine=engine))
 
@@ -52,6 +52,9 @@ class MonitoredBatch:
                 elif record.finish_reason is not None:
                     sessions[i].end(record.finish_reason)
                     running.discard(i)
+                else:
+                    while sessions[i].injections:  # appended to this row only, fed at its next step
+                        stream.inject(i, sessions[i].injections.pop(0))  # type: ignore[attr-defined]
                 # A row can end without a last record that says so (a remote
                 # stream's finish arrives after its last token): the batch
                 # stream's finish_reasons tell.

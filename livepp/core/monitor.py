@@ -21,7 +21,14 @@ from livepp.core.steps import DEFAULT_STEP_REGEX, StepSegmenter
 from livepp.core.stream import TokenStream
 from livepp.core.tracker import Tracker
 
-__all__ = ["Sink", "Monitor", "Session", "Result"]
+__all__ = ["Sink", "Monitor", "Session", "Result", "NO_INJECTION"]
+
+
+# Why an inject policy cannot run on a stream without ``inject``.
+NO_INJECTION = ("an inject policy needs an engine that can append text to a running generation: a local engine (torch or "
+                "llama.cpp, any path); a remote engine's API cannot (a continuation request would close the generation and "
+                "resend the whole text so far, prefilled again upstream at every injection, and needs a raw completions "
+                "prompt with the chat template applied, which livepp does not have for a remote model)")
 
 
 class Sink(Protocol):
@@ -196,7 +203,7 @@ class Monitor:
         ids = stream.prompt_token_ids if prompt_token_ids is None else prompt_token_ids
         inject = getattr(stream, "inject", None)
         if injects(self.policies) and inject is None:
-            raise LiveppError("an inject policy needs a stream that can take text (a local engine's single stream)")
+            raise LiveppError(NO_INJECTION)
         session = self.session(model=model, prompt_token_ids=ids, params=params, engine=engine)
         reason = "length"
         try:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from livepp.core.params import PromptTooLong
 from livepp.engines.protocol import Prompt
 
-__all__ = ["PromptEncoder", "longest_piece", "prompt_chars", "refuse_oversized"]
+__all__ = ["PromptEncoder", "LockedTokenizer", "longest_piece", "prompt_chars", "refuse_oversized"]
 
 
 def longest_piece(tokenizer: Any) -> int:
@@ -108,8 +108,36 @@ class PromptEncoder:
                 "model_max_length": self.context_length, "vocab_size": len(tok),
                 "adds_bos_token": bool(tok("a")["input_ids"][:1] == [tok.bos_token_id]) if tok.bos_token_id is not None else False}
 
+    def locked(self) -> "LockedTokenizer":
+        """This copy of the tokenizer for a submitting thread's own use (a
+        watched text's incremental tokenization): every call under its lock."""
+        return LockedTokenizer(self._tokenizer, self._lock)
+
     def plan(self, planner: Any, *args: Any, **kwargs: Any) -> Any:
         """``planner(tokenizer, context_length, *args, **kwargs)`` with this
         copy of the tokenizer (a :mod:`livepp.scoring.plans` function)."""
         with self._lock:
             return planner(self._tokenizer, self.context_length, *args, **kwargs)
+
+
+class LockedTokenizer:
+    """A tokenizer whose calls hold a lock (a fast tokenizer used by two
+    threads at once can fail with "Already borrowed"); attributes pass through."""
+
+    def __init__(self, tokenizer: Any, lock: Any) -> None:
+        self._tokenizer, self._lock = tokenizer, lock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._tokenizer, name)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return value(*args, **kwargs)
+
+        return call

@@ -5,8 +5,8 @@ llama.cpp (through llama-cpp-python's low-level API) computes the logits;
 everything after them is livepp's own, shared with the torch engine: the
 full-vocabulary raw logprob, entropy, top-k and DeepConf confidence, and the
 sampling with the same parameters and seeded generators
-(:func:`~livepp.engines.torch.sampling.next_token_stats` on the logits, which
-are wrapped without a copy), the same text side (EOS, stop strings, UTF-8-safe
+(:func:`~livepp.engines.torch.sampling.batch_token_stats` on the ``[rows,
+vocab]`` logits block of a step, wrapped without a copy), the same text side (EOS, stop strings, UTF-8-safe
 incremental detokenization) and the Hugging Face tokenizer and chat template
 of the same GGUF, so prompts are the same token ids on both engines.
 
@@ -35,7 +35,9 @@ from livepp.core.events import PositionScore, TokenRecord, TopLogprob
 from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
-from livepp.engines.torch.batch import Row, SteppedRows, batch_requests, new_row, records_or_raise, sample_rows
+from livepp.engines.feeding import Feed
+from livepp.engines.torch.batch import (Row, SteppedRows, batch_requests, generating_feed, injection_ids, new_row, records_or_raise,
+                                       sample_rows, split_step)
 from livepp.engines.torch.decoder import alternatives, encode_prompt
 from livepp.engines.torch.sampling import position_scores
 
@@ -103,10 +105,11 @@ class LlamaContext:
         ids = {self.lib.llama_vocab_eos(self.vocab), self.lib.llama_vocab_eot(self.vocab)}
         return {i for i in ids if i >= 0}
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, copy: bool = True) -> list[torch.Tensor]:
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]], *, copy: bool = True) -> torch.Tensor:
         """Decode ``(token, position, sequence, wants_logits)`` entries in one
-        ``llama_decode``; the logits of those that want them, as fp32 tensors
-        (``copy=False``: views of llama.cpp's buffer, valid until the next decode)."""
+        ``llama_decode``; the logits of those that want them, in order, as one
+        fp32 ``[n, V]`` block (``copy=False``: a view of llama.cpp's buffer,
+        valid until the next decode)."""
         b = self.batch
         for i, (token, pos, seq, logits) in enumerate(entries):
             b.token[i] = token
@@ -119,19 +122,18 @@ class LlamaContext:
         self.decode_calls += 1
         if rc != 0:
             raise LiveppError(f"llama_decode failed ({rc}): the context of {self.n_ctx} cells is full or the batch is invalid")
-        out = []
-        for i, entry in enumerate(entries):
-            if entry[3]:
-                ptr = self.lib.llama_get_logits_ith(self.ctx, i)
-                view = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
-                # llama.cpp reuses its buffer at the next decode.
-                out.append(torch.from_numpy(view.copy() if copy else view))
-        return out
+        wanted = sum(1 for entry in entries if entry[3])
+        if not wanted:
+            return torch.empty((0, self.n_vocab))
+        # llama.cpp keeps the wanted logits contiguous, in batch order.
+        view = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(wanted, self.n_vocab))
+        # llama.cpp reuses its buffer at the next decode.
+        return torch.from_numpy(view.copy() if copy else view)
 
     def prefill(self, prompt: Sequence[int], seq: int, *, exact: bool) -> torch.Tensor:
         """Process a prompt into ``seq``; the next-token logits."""
         step = 1 if exact else self.n_batch
-        logits: list[torch.Tensor] = []
+        logits = torch.empty(0)
         for start in range(0, len(prompt), step):
             chunk = prompt[start : start + step]
             last = start + len(chunk) == len(prompt)
@@ -162,6 +164,7 @@ class LlamaCppEngine:
     serial = True
     kind = "llama.cpp"
     device = torch.device("cpu")
+    stats_threads = 1  # torch threads for a step's statistics (sampling.torch_threads says why)
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, n_ctx: int = 0, max_rows: int = 16, exact: bool = False,
                  n_threads: int | None = None) -> None:
@@ -180,6 +183,10 @@ class LlamaCppEngine:
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
         return encode_prompt(self.tokenizer, prompt, raw=raw, name=self.name)
 
+    def encode_text(self, text: str) -> list[int]:
+        """A text's ids without special tokens (an injected text)."""
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
     def check(self, prompt_ids: Sequence[int], params: GenerationParams) -> None:
         if not prompt_ids:
             raise LiveppError("the prompt has no tokens")
@@ -193,7 +200,8 @@ class LlamaCppEngine:
     # ---- the engine protocol ---------------------------------------------------
     def open(self, prompt: Prompt, params: GenerationParams) -> RecordStream:
         batch = self.open_batch([prompt], [params])
-        return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close)
+        return RecordStream((record for _, record in batch), prompt_token_ids=batch.prompt_token_ids[0], on_close=batch.close,
+                            on_inject=lambda text: batch.inject(0, text))
 
     def open_batch(self, prompts: Sequence[Prompt], params: Sequence[GenerationParams]) -> "LlamaBatch":
         if len(prompts) > self.max_rows:
@@ -220,7 +228,7 @@ class LlamaCppEngine:
             first, logits = len(row) - keep, []
             for start in range(0, len(row), step):
                 chunk = row[start : start + step]
-                logits += llama.decode([(t, start + k, 0, start + k >= first) for k, t in enumerate(chunk)])
+                logits += list(llama.decode([(t, start + k, 0, start + k >= first) for k, t in enumerate(chunk)]))
             out.append(torch.stack(logits))
         llama.clear()
         return torch.stack(out)
@@ -235,6 +243,12 @@ class LlamaBatch(SteppedRows):
     def __init__(self, engine: LlamaCppEngine, rows: list[Row]) -> None:
         self.engine, self.rows = engine, rows
         super().__init__([r.request.prompt_ids for r in rows])
+
+    def inject(self, index: int, text: str) -> None:
+        """Append ``text`` to row ``index`` only (its sequence), fed at its next step."""
+        row = self.rows[index]
+        if not row.done:
+            row.inject_ids += injection_ids(self.engine.encode_text, text, row.position + len(row.inject_ids), self.engine.context_length)
 
     def _run(self) -> Iterator[tuple[int, TokenRecord]]:
         engine, llama = self.engine, self.engine.llama
@@ -252,9 +266,9 @@ class LlamaBatch(SteppedRows):
                 else:
                     llama.copy(first[prompt][0], r.index)  # N samples of one prompt share its prefill
                 logits.append(first[prompt][1])
-            active = list(self.rows)
+            active, injected = list(self.rows), {}
             while active:
-                yield from self._emit(active, records_or_raise(sample_rows(engine, active, logits)))
+                yield from self._emit(active, records_or_raise(sample_rows(engine, active, logits, injected)))
                 self._apply_stops(self.rows)
                 for r in active:
                     if r.done:
@@ -262,13 +276,21 @@ class LlamaBatch(SteppedRows):
                 active = [r for r in active if not r.done]
                 if not active:
                     return
-                # Sampled before the next decode, so llama.cpp's buffer is read in place.
-                logits = llama.decode([(r.last_token, r.position, r.index, True) for r in active], copy=False)
-                for r in active:
-                    r.position += 1
+                logits, injected = decode_step(llama, active, [r.index for r in active])
         finally:
             llama.clear()
             engine._busy = False
+
+
+def decode_step(llama: LlamaContext, rows: Sequence[Row], seqs: Sequence[int]) -> tuple[torch.Tensor, dict[int, tuple[list[int], torch.Tensor]]]:
+    """One ``llama_decode`` for every row (row k in sequence ``seqs[k]``,
+    :func:`~livepp.engines.torch.batch.generating_feed`): the next-token
+    logits [rows, V] (a view of llama.cpp's buffer: read before the next
+    decode) and each injecting row's ids and their logits."""
+    feeds = [generating_feed(r) for r in rows]
+    block = llama.decode([(t, f.start + j, seq, True) for f, seq in zip(feeds, seqs) for j, t in enumerate(f.ids)], copy=False)
+    logits, injected, _ = split_step(rows, feeds, block)
+    return logits, injected
 
 
 class LlamaBackend:
@@ -302,7 +324,7 @@ class LlamaBackend:
 
         def run(prompt: tuple[int, ...], seq: int, start: int, end: int, last: bool) -> Any:
             out = self.llama.decode([(prompt[k], k, seq, k == len(prompt) - 1) for k in range(start, end)])
-            if out:
+            if len(out):
                 logits_of[seq] = out[0]
             if not last:
                 return None
@@ -347,7 +369,7 @@ class LlamaBackend:
                 out = self.llama.decode([(ids[k], k, seq, wanted(k)) for k in range(start, end)])
                 scored = [k for k in range(start, end) if spec.first <= k + 1 <= n - 1]
                 if scored:
-                    on_scores(position_scores(torch.stack(out[: len(scored)]), [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
+                    on_scores(position_scores(out[: len(scored)], [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
                 return out[-1][None] if end == n else None
 
             yield run
@@ -360,8 +382,19 @@ class LlamaBackend:
                 self._leave(seq)
         self._pending = []
 
-    def step(self, rows: Sequence[Row]) -> Any:
-        return self.llama.decode([(r.last_token, r.position, seq, True) for r, seq in zip(rows, self._active)], copy=False)
+    def step(self, rows: Sequence[Row], feeds: Sequence[Feed]) -> Any:
+        """One decode: each row its feed in its sequence; the wanted slots' logits, rows in order."""
+        entries = []
+        for seq, feed in zip(self._active, feeds):
+            if feed.forget:
+                self.llama.forget(seq)
+            wanted = set(feed.wanted)
+            entries += [(t, feed.start + j, seq, j in wanted) for j, t in enumerate(feed.ids)]
+        return self.llama.decode(entries, copy=False)
+
+    def join_empty(self) -> None:
+        """A row with nothing to prefill (a fed row) joins the batch in a free sequence."""
+        self._active.append(self._free.pop(0))
 
     def keep(self, keep: list[int]) -> None:
         kept = set(keep)

@@ -33,13 +33,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 from livepp.core.events import PositionScore, TokenRecord
 from livepp.core.params import EngineBusy, GenerationParams, LiveppError
-from livepp.engines.protocol import Prompt
-from livepp.engines.select import local_kind, supports_continuous_batching
 from livepp.engines.encoder import PromptEncoder
-from livepp.engines.protocol import ScoreSpec, is_token_ids
-from livepp.engines.torch.batch import Row, batch_requests, new_row, sample_rows
+from livepp.engines.protocol import Prompt, ScoreSpec, is_token_ids
+from livepp.engines.select import local_kind, supports_continuous_batching
+from livepp.engines.feeding import FedState, plan_feed, score_feed
+from livepp.engines.scheduled import FedStream, ScheduledBatch, ScheduledStream
+from livepp.engines.torch.batch import BatchRequest, Row, batch_requests, generating_feed, injection_ids, new_row, sample_rows, split_step
 
-__all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "backend_for", "supports_continuous_batching"]
+__all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "FedStream", "backend_for", "supports_continuous_batching"]
 
 
 def backend_for(engine: Any) -> Any:
@@ -120,6 +121,7 @@ class Scheduler:
         self.forward_passes = 0
         self.steps = 0
         self.peak_batch = 0  # the most rows one decode step has run
+        self.batch_sizes: deque[int] = deque(maxlen=4096)  # rows that fed tokens in each recent step, oldest first
         self.largest_score_chunk = 0  # the most positions one scored chunk has held
 
     # ---- opening streams (any thread) -------------------------------------
@@ -137,6 +139,25 @@ class Scheduler:
                    scores: Sequence[ScoreSpec | None] | None = None,
                    on_scores: Callable[[int, list[PositionScore]], None] | None = None) -> "ScheduledBatch":
         return ScheduledBatch(self, self._submit(prompts, params, scores, on_scores))
+
+    def open_fed(self, params: GenerationParams) -> FedStream:
+        """A fed row (:mod:`livepp.engines.feeding`): tokens its consumer
+        hands it are fed and scored in the batch's steps."""
+        channel = _Channel()
+        row = Row(0, BatchRequest((), params), None, None, 0)  # type: ignore[arg-type]
+        row.fed = FedState()
+        with self._cv:
+            self._admit(channel, [row])
+        return FedStream(self, channel)
+
+    def _feed(self, slot: _Slot, items: Sequence[Any]) -> int:
+        """Queue a fed row's items; how many it will report consumed."""
+        with self._cv:
+            if slot.done or slot.cancelled or slot.channel.error is not None:
+                raise slot.channel.error or LiveppError("the watched row has ended")
+            slot.row.fed.queue.extend(items)
+            self._cv.notify_all()
+        return sum(1 for item in items if item is not None)
 
     def status(self) -> dict[str, int]:
         """Rows prefilling or decoding, rows queued, rows in the batch (rows
@@ -170,26 +191,30 @@ class Scheduler:
         requests = batch_requests(self.encoder.encode, prompts, params, scores)
         rows = [new_row(self.text, i, r) for i, r in enumerate(requests)]
         with self._cv:
-            if self._stopping:
-                raise LiveppError("the engine is shutting down")
-            running = len(self._active) + len(self._prefill)
-            occupied = running + len(self._queue)  # rows in the batch or waiting for it
-            if occupied + len(rows) > self.max_batch + self.max_queue:
-                raise EngineBusy(f"the model is busy: {running} rows running and {len(self._queue)} waiting "
-                                 f"(batch {self.max_batch}, queue {self.max_queue}); try again later")
-            if occupied + len(rows) > self.max_batch:
-                # Its place among the rows that wait for someone to leave the batch.
-                channel.queue_position = max(1, occupied + 1 - self.max_batch)
-            self._last_submit = time.perf_counter()
-            for i, row in enumerate(rows):
-                slot = _Slot(channel, i, row)
-                channel.rows.append(slot)
-                self._queue.append(slot)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="livepp-scheduler", daemon=True)
-                self._thread.start()
-            self._cv.notify_all()
+            self._admit(channel, rows)
         return channel
+
+    def _admit(self, channel: _Channel, rows: list[Row]) -> None:
+        """Rows into the queue (under the lock), or refused when it is full."""
+        if self._stopping:
+            raise LiveppError("the engine is shutting down")
+        running = len(self._active) + len(self._prefill)
+        occupied = running + len(self._queue)  # rows in the batch or waiting for it
+        if occupied + len(rows) > self.max_batch + self.max_queue:
+            raise EngineBusy(f"the model is busy: {running} rows running and {len(self._queue)} waiting "
+                             f"(batch {self.max_batch}, queue {self.max_queue}); try again later")
+        if occupied + len(rows) > self.max_batch:
+            # Its place among the rows that wait for someone to leave the batch.
+            channel.queue_position = max(1, occupied + 1 - self.max_batch)
+        self._last_submit = time.perf_counter()
+        for i, row in enumerate(rows):
+            slot = _Slot(channel, i, row)
+            channel.rows.append(slot)
+            self._queue.append(slot)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="livepp-scheduler", daemon=True)
+            self._thread.start()
+        self._cv.notify_all()
 
     # ---- the consumer side (the stream's thread) ----------------------------
     def _get(self, channel: _Channel) -> tuple[int, TokenRecord]:
@@ -216,6 +241,15 @@ class Scheduler:
                 channel.waiting = True
                 self._cv.notify_all()
             self._cv.wait()
+
+    def _inject(self, slot: _Slot, text: str) -> None:
+        """Append ``text`` to ``slot``'s row, fed at its next step (the
+        consumer's thread tokenizes it, with the submitting side's tokenizer)."""
+        row = slot.row
+        ids = injection_ids(lambda t: self.encoder.tokenize(t, add_special_tokens=False), text, row.position, self.text.context_length)
+        with self._cv:
+            if not (slot.done or slot.cancelled):
+                row.inject_ids += ids
 
     def _cancel(self, slot: _Slot, reason: str) -> None:
         with self._cv:
@@ -269,7 +303,9 @@ class Scheduler:
             self._cv.wait(wait)
 
     def _step_ready(self) -> bool:
-        return bool(self._active) and all(s.cancelled or s.channel.ready() for s in self._active)
+        # A fed row never holds up a step; a step runs when some row has work.
+        return (bool(self._active) and all(s.cancelled or s.row.fed is not None or s.channel.ready() for s in self._active)
+                and any(s.cancelled or s.row.fed is None or s.row.fed.queue for s in self._active))
 
     def _work_ready(self) -> bool:
         if self._prefill_steps is not None:
@@ -293,6 +329,11 @@ class Scheduler:
         if not self._queue or room <= 0:
             return
         first = self._queue[0]
+        if first.row.fed is not None:  # nothing to prefill: it joins the batch empty
+            self._queue.popleft()
+            self.backend.join_empty()
+            self._active.append(first)
+            return
         if first.row.request.score is not None:  # a scored prompt: alone, chunk by chunk
             group = [self._queue.popleft()]
             self._prefill_steps = iter(self.backend.score_prefill(first.row, self.prefill_chunk, lambda scores: self._scored(first, scores)))
@@ -302,7 +343,8 @@ class Scheduler:
             group = [self._queue.popleft()]
         else:
             group = []
-            while self._queue and len(group) < room and len(self._queue[0].row.request.prompt_ids) <= self.prefill_chunk:
+            while (self._queue and len(group) < room and self._queue[0].row.fed is None and self._queue[0].row.request.score is None
+                   and len(self._queue[0].row.request.prompt_ids) <= self.prefill_chunk):
                 group.append(self._queue.popleft())
         self._prefill_steps = iter(self.backend.prefill([s.row for s in group], self.prefill_chunk))
         self._prefill = group
@@ -359,15 +401,25 @@ class Scheduler:
             self._cv.notify_all()
         if not rows:
             return
-        logits = self.backend.step(rows)
+        # Each row's feed: a generating row its newest token (and an
+        # intervention's text), a fed row its next queued tokens.
+        plans = [plan_feed(r.fed, self.prefill_chunk) if r.fed is not None else (generating_feed(r), None) for r in rows]
+        feeds = [f for f, _ in plans]
+        block = self.backend.step(rows, feeds)
         self.forward_passes += 1
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(rows))
-        for r in rows:
-            r.position += 1
-        records = sample_rows(self.text, rows, logits)
+        self.batch_sizes.append(sum(1 for f in feeds if f.ids))  # rows that fed tokens (an idle fed row feeds none)
+        generating = [k for k, r in enumerate(rows) if r.fed is None]
+        logits, injected, per_row = split_step([rows[k] for k in generating], feeds, block, generating)
+        records = sample_rows(self.text, [rows[k] for k in generating], logits, injected)
+        fed = {k: (score_feed(rows[k].fed, items, feeds[k].wanted, per_row[k], rows[k].request.params), len(items))
+               for k, (_, items) in enumerate(plans) if items}
         with self._cv:
-            self._deliver(self._active, records)
+            for k, scored in fed.items():
+                if not self._active[k].cancelled:
+                    self._active[k].channel.pending.append((0, scored))
+            self._deliver([self._active[k] for k in generating], records)
             keep = [k for k, s in enumerate(self._active) if not s.done]
             if len(keep) < len(self._active):
                 self._select(keep)
@@ -388,6 +440,8 @@ class Scheduler:
                         other.cancelled = other.cancelled or "error"
                 s.done = True
                 continue
+            for injected in s.row.injected:  # an intervention's tokens, before the token after them
+                s.channel.pending.append((s.local, injected))
             s.channel.pending.append((s.local, record))
             if s.row.done:
                 s.done = True
@@ -409,64 +463,3 @@ class Scheduler:
         if not keep_queue:
             self._queue.clear()
         self._cv.notify_all()
-
-
-class ScheduledStream:
-    """One row of the continuous batch as a :class:`~livepp.core.stream.TokenStream`."""
-
-    def __init__(self, scheduler: Scheduler, channel: _Channel) -> None:
-        self.scheduler, self.channel = scheduler, channel
-        self.prompt_token_ids = channel.rows[0].row.request.prompt_ids
-        self.queue_position = channel.queue_position
-        self.finish_reason: str | None = None
-        self.tokens_after_stop: int | None = None
-        self.engine_finish_reason: str | None = None
-
-    def __iter__(self) -> "ScheduledStream":
-        return self
-
-    def __next__(self) -> TokenRecord:
-        _, record = self.scheduler._get(self.channel)
-        if record.finish_reason is not None:
-            self.finish_reason = record.finish_reason
-        return record
-
-    def close(self) -> None:
-        self.scheduler._abort(self.channel, "cancelled")
-
-    def abort(self) -> None:
-        self.scheduler._abort(self.channel, "cancelled")
-
-
-class ScheduledBatch:
-    """Rows of the continuous batch read together, as a
-    :class:`~livepp.core.stream.BatchTokenStream`."""
-
-    def __init__(self, scheduler: Scheduler, channel: _Channel) -> None:
-        self.scheduler, self.channel = scheduler, channel
-        self.prompt_token_ids = [s.row.request.prompt_ids for s in channel.rows]
-        self.finish_reasons: list[str | None] = [None] * len(channel.rows)
-        self.queue_position = channel.queue_position
-
-    def __iter__(self) -> "ScheduledBatch":
-        return self
-
-    def __next__(self) -> tuple[int, TokenRecord]:
-        index, record = self.scheduler._get(self.channel)
-        if record.finish_reason is not None:
-            self.finish_reasons[index] = record.finish_reason
-        return index, record
-
-    def stop(self, index: int, reason: str = "policy") -> None:
-        if self.finish_reasons[index] is None:
-            self.finish_reasons[index] = reason
-            self.scheduler._cancel(self.channel.rows[index], reason)
-
-    def close(self) -> None:
-        for i, reason in enumerate(self.finish_reasons):
-            if reason is None:
-                self.finish_reasons[i] = "cancelled"
-        self.scheduler._abort(self.channel, "cancelled")
-
-    def abort(self) -> None:
-        self.scheduler._abort(self.channel, "cancelled")

@@ -167,6 +167,11 @@ class JobBatch:
     def stop(self, index: int, reason: str = "policy") -> None:
         self.inner.stop(index, reason)
 
+    def __getattr__(self, name: str) -> Any:
+        if name == "inject":  # only when the inner batch can take text
+            return getattr(self.inner, "inject")
+        raise AttributeError(name)
+
     def close(self) -> None:
         self.inner.close()
         if self.inner in self.job.streams:

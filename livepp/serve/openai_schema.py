@@ -211,6 +211,8 @@ def token_stats(event: TokenEvent) -> dict[str, Any]:
     stats = {name: getattr(event, name) for name in TOKEN_STATS}
     if event.entropy_bounds is not None:  # a gateway's token: the entropy is unknown, bounded
         stats["entropy_bounds"], stats["tail_mass"] = event.entropy_bounds, event.tail_mass
+    if event.injected:  # text an inject policy appended
+        stats["injected"] = True
     return stats  # written by orjson, which writes NaN and infinity as null
 
 

@@ -30,12 +30,14 @@ _DONE = object()
 
 
 def _proxy_model(session: SessionHandle) -> Any:
-    """The server's local torch model, which scores watched text."""
+    """What scores watched text: the continuous batch (a fed row of it, on
+    torch or llama.cpp), else the server's local torch model."""
     service = session.service
-    engine = service.scheduler.engine if service.scheduler is not None else service.engine
-    loaded = getattr(engine, "loaded", None)
+    if service.scheduler is not None:
+        return service.scheduler
+    loaded = getattr(service.engine, "loaded", None)
     if loaded is None:
-        raise ClientError("bad_params", "watch needs a local torch model on this server (not a remote or llama.cpp engine)")
+        raise ClientError("bad_params", "watch needs a local model on this server (not a remote engine)")
     return loaded
 
 
@@ -107,12 +109,25 @@ class _WatchStream(WrappedStream):
 
 def _run_watch(job: Job, sink: OutboxSink, session: SessionHandle, loaded: Any, request: WatchRequest, policies: list[Any],
                text: _WatchText) -> None:
+    from livepp.engines.feeding import ScheduledScorer
     from livepp.engines.torch.proxy import BufferedText, ProxyStream
 
+    params = GenerationParams(top_logprobs=5)
+    scheduler = loaded if hasattr(loaded, "open_fed") else None
     try:
         # Read ahead: text that arrives while a pass runs is scored together in the next.
-        stream = _WatchStream(ProxyStream(loaded, BufferedText(_texts(job, text)), GenerationParams(top_logprobs=5),
-                                          prompt=request.prompt, chat=request.chat), job)
+        chunks = BufferedText(_texts(job, text))
+        if scheduler is not None:  # rows of the batch: its forward passes score the text
+            scorer = ScheduledScorer(scheduler, params)
+            try:
+                proxy = ProxyStream(scheduler.text, chunks, params, prompt=request.prompt, chat=request.chat, scorer=scorer,
+                                    tokenizer=scheduler.encoder.locked())
+            except BaseException:
+                scorer.close()
+                raise
+        else:
+            proxy = ProxyStream(loaded, chunks, params, prompt=request.prompt, chat=request.chat)
+        stream = _WatchStream(proxy, job)
     except LiveppError as exc:
         job.final.append({"type": "error", "id": job.id, "code": "bad_params", "message": one_line(exc)})
         return

@@ -1,9 +1,13 @@
-"""The torch engine's side of continuous batching: one shared KV cache.
+"""The torch engine's side of continuous batching: one shared
+:class:`~livepp.engines.torch.rowcache.RowCache`.
 
-New rows are prefilled (prompts together, left-padded; a long prompt alone in
-chunks) into a cache of their own, then stacked onto the running batch's
-cache, both left-padded to the longer length. Rows that leave are selected
-out, and cache columns that only padding still uses are trimmed away.
+New rows are prefilled (prompts together; a long prompt alone in chunks) into
+a cache of their own, then stacked onto the running batch's. Rows that leave
+are selected out, and columns no row uses any more are dropped. A step feeds
+each row its newest token (and an intervention's text after it), and the
+scheduler's fed rows (a watched text) their next tokens, all in one forward
+pass. Sliding-window models (Gemma 2/3) batch as any other: attention follows
+each row's own positions.
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from livepp.core.events import PositionScore
-from livepp.core.params import LiveppError
+from livepp.engines.feeding import Feed
 from livepp.engines.torch.batch import BatchDecoder, Row
+from livepp.engines.torch.rowcache import RowCache
 from livepp.engines.torch.sampling import position_scores
 from livepp.engines.torch.engine import TorchEngine
 
@@ -26,47 +30,47 @@ class TorchBackend:
     def __init__(self, engine: TorchEngine) -> None:
         self.engine, self.name, self.kind = engine, engine.name, engine.kind
         self.text = self.decoder = engine.decoder  # what new_row and sample_rows ask of an engine
-        self.batcher = BatchDecoder(engine.decoder)
-        _check_full_attention(engine.decoder.model)
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None
-        self._pending: tuple[Any, torch.Tensor] | None = None
+        self.batcher = BatchDecoder(engine.decoder)  # refuses a model whose layers cannot be batched
+        self.cache = self.batcher.new_cache()
+        self._pending: RowCache | None = None
 
     def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Callable[[], Any]]:
         """Callables, one per forward pass; the last returns the rows' next-token logits."""
         prompts = [r.request.prompt_ids for r in rows]
         if len(rows) == 1 and len(prompts[0]) > chunk:
-            yield from self._chunked(prompts[0], chunk)
+            yield from self._chunked(prompts[0], chunk, None)
             return
 
         def whole() -> Any:
+            cache = self.batcher.new_cache()
             with torch.inference_mode():
-                logits, cache, mask = self.batcher._prefill(prompts)
-            self._pending = (cache, mask)
+                logits = self.batcher._prefill(cache, prompts)
+            self._pending = cache
             return logits
 
         yield whole
 
-    def _chunked(self, prompt: Sequence[int], c: int) -> Iterator[Callable[[], Any]]:
-        from transformers import DynamicCache
+    def _chunked(self, ids: Sequence[int], chunk: int, scored: Callable[[int, int, torch.Tensor], None] | None) -> Iterator[Callable[[], Any]]:
+        """A prompt ``chunk`` tokens per forward pass into a cache of its own;
+        ``scored(start, end, logits)`` gets each chunk's logits (row j: the
+        distribution of the token at start + j + 1) when scoring."""
+        cache = self.batcher.new_cache()
+        n = len(ids)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
 
-        cache = DynamicCache(config=self.decoder.model.config)
-        device, n = self.decoder.device, len(prompt)
-        for start in range(0, n, c):
-            end = min(start + c, n)
-
-            def chunk(start: int = start, end: int = end) -> Any:
+            def step(start: int = start, end: int = end) -> Any:
+                wanted = range(end - start) if scored is not None else ([end - start - 1] if end == n else [])
                 with torch.inference_mode():
-                    out = self.decoder.model(input_ids=torch.tensor([list(prompt[start:end])], device=device),
-                                             attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
-                                             position_ids=torch.arange(start, end, device=device)[None],
-                                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    logits = cache.forward([ids[start:end]], [start], [wanted])
+                    if scored is not None:
+                        scored(start, end, logits)
                 if end < n:
                     return None
-                self._pending = (cache, torch.ones((1, n), dtype=torch.long, device=device))
-                return out.logits[:, -1]
+                self._pending = cache
+                return logits[-1:]
 
-            yield chunk
+            yield step
 
     @property
     def vocab_size(self) -> int:
@@ -77,94 +81,47 @@ class TorchBackend:
         tokens scored from ``row.request.score.first`` on as each chunk's
         logits come (only one chunk's [chunk, V] logits exist at a time);
         the last returns the next-token logits."""
-        from transformers import DynamicCache
-
         ids, spec = row.request.prompt_ids, row.request.score
         assert spec is not None
-        cache = DynamicCache(config=self.decoder.model.config)
-        device, n = self.decoder.device, len(ids)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
+        n = len(ids)
 
-            def step(start: int = start, end: int = end) -> Any:
-                with torch.inference_mode():
-                    # logits[j] is the distribution of the token at position start + j + 1
-                    logits = self.decoder.model(input_ids=torch.tensor([list(ids[start:end])], device=device),
-                                                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
-                                                position_ids=torch.arange(start, end, device=device)[None],
-                                                past_key_values=cache, use_cache=True, logits_to_keep=end - start).logits[0]
-                    lo, hi = max(start + 1, spec.first), min(end, n - 1)
-                    if lo <= hi:
-                        on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top))
-                if end < n:
-                    return None
-                self._pending = (cache, torch.ones((1, n), dtype=torch.long, device=device))
-                return logits[-1:]
+        def scored(start: int, end: int, logits: torch.Tensor) -> None:
+            lo, hi = max(start + 1, spec.first), min(end, n - 1)
+            if lo <= hi:
+                on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top))
 
-            yield step
+        yield from self._chunked(ids, chunk, scored)
 
     def join(self, keep: list[int]) -> None:
         """The prefilled rows at ``keep`` (indices into the group) join the batch."""
         if self._pending is None:  # a prefill abandoned before its last chunk: its cache is dropped
             return
-        cache, mask = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         if not keep:
             return
-        if len(keep) < mask.shape[0]:
-            index = torch.tensor(keep, device=mask.device)
-            cache.batch_select_indices(index)
-            mask = mask[index]
-        self._cache, self._mask = _stack(self._cache, self._mask, cache, mask)
+        if len(keep) < pending.rows:
+            pending.select(keep)
+        self.cache.stack(pending)
 
-    def step(self, rows: Sequence[Row]) -> Any:
+    def step(self, rows: Sequence[Row], feeds: Sequence[Feed]) -> Any:
+        """One forward pass: each row its feed; the wanted slots' logits, rows in order."""
+        for k, feed in enumerate(feeds):
+            if feed.forget:
+                self.cache.forget(k)
         with torch.inference_mode():
-            logits, self._mask = self.batcher._step(rows, self._cache, self._mask)
-        return logits
+            return self.cache.forward([f.ids for f in feeds], [f.start for f in feeds], [f.wanted for f in feeds])
+
+    def join_empty(self) -> None:
+        """A row with nothing to prefill (a fed row) joins the batch."""
+        self.cache.add_empty_row()
 
     def keep(self, keep: list[int]) -> None:
-        """Only the active rows at ``keep`` stay; drop cache columns only padding uses."""
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        assert self._mask is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        first = int(self._mask.any(dim=0).to(torch.int8).argmax())
-        if first > 0:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self._mask = self._mask[:, first:]
+        """Only the active rows at ``keep`` stay."""
+        self.cache.select(keep)
 
     def reset(self) -> None:
-        self._cache, self._mask, self._pending = None, None, None
+        self.cache.clear()
+        self._pending = None
 
     def close(self) -> None:
         self.reset()
-
-
-def _stack(cache_a: Any, mask_a: torch.Tensor | None, cache_b: Any, mask_b: torch.Tensor) -> tuple[Any, torch.Tensor]:
-    """One batch from two: both left-padded to the longer one's length."""
-    if cache_a is None or mask_a is None:
-        return cache_b, mask_b
-    width = max(mask_a.shape[1], mask_b.shape[1])
-    la, lb = mask_a.shape[1], mask_b.shape[1]
-
-    def pad(x: torch.Tensor, length: int) -> torch.Tensor:
-        return F.pad(x, (0, 0, width - length, 0)) if width > length else x
-
-    for a, b in zip(cache_a.layers, cache_b.layers):
-        a.keys = torch.cat([pad(a.keys, la), pad(b.keys, lb)], dim=0)
-        a.values = torch.cat([pad(a.values, la), pad(b.values, lb)], dim=0)
-    mask = torch.cat([F.pad(mask_a, (width - la, 0)), F.pad(mask_b, (width - lb, 0))], dim=0)
-    return cache_a, mask
-
-
-def _check_full_attention(model: Any) -> None:
-    from transformers import DynamicCache
-
-    kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
-    if kinds - {"DynamicLayer"}:
-        raise LiveppError(f"continuous batching stacks full-attention KV caches; this model's cache has {sorted(kinds)} layers "
-                          "(serve it with --max-batch 1)")

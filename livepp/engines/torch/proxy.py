@@ -208,21 +208,27 @@ class ProxyStream:
 
     def __init__(self, loaded: LoadedModel, chunks: Iterable[str], params: GenerationParams, *, prompt: str | None = None,
                  chat: bool = False, max_length: int | None = None, stride: int | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, scorer: Any = None, tokenizer: Any = None) -> None:
+        """``scorer``: what scores the released ids (default: an
+        :class:`IncrementalScorer` on ``loaded``; a fed row of a continuous
+        batch, :class:`livepp.engines.feeding.ScheduledScorer`, shares the
+        batch's forward passes); ``tokenizer``: this thread's (default ``loaded``'s)."""
         self.loaded = loaded
-        prefix, specials = proxy_prefix(loaded.tokenizer, prompt, chat=chat)
-        self.text = GrowingText(loaded.tokenizer, prefix, add_special_tokens=specials)
-        self.scorer = IncrementalScorer(loaded, params, max_length=max_length, stride=stride)
+        tokenizer = tokenizer if tokenizer is not None else loaded.tokenizer
+        self.tokenizer = tokenizer
+        prefix, specials = proxy_prefix(tokenizer, prompt, chat=chat)
+        self.text = GrowingText(tokenizer, prefix, add_special_tokens=specials)
+        self.scorer = scorer if scorer is not None else IncrementalScorer(loaded, params, max_length=max_length, stride=stride)
         self.params = params
         self.prompt_token_ids: tuple[int, ...] = tuple(
-            int(i) for i in loaded.tokenizer(prefix, add_special_tokens=specials)["input_ids"]) if prefix else ()
+            int(i) for i in tokenizer(prefix, add_special_tokens=specials)["input_ids"]) if prefix else ()
         self.finish_reason: str | None = None
         self.engine_finish_reason: str | None = None
         self.tokens_after_stop: int | None = None
         self._chunks = iter(chunks)
         self._on_close = on_close
         self._pending: deque[TokenRecord] = deque()
-        self._detok = IncrementalDetokenizer(loaded.tokenizer)
+        self._detok = IncrementalDetokenizer(tokenizer)
         self._done = False
         self.received_chars = 0
 
@@ -248,7 +254,7 @@ class ProxyStream:
         first = self.scorer.n
         scored = self.scorer.push(items)
         by_position = dict(scored)
-        tokenizer = self.loaded.tokenizer
+        tokenizer = self.tokenizer
         for offset, (token_id, in_target) in enumerate(items):
             if not in_target:
                 continue
@@ -271,6 +277,9 @@ class ProxyStream:
             self._pending.clear()
         if self._on_close is not None:
             self._on_close()
+        close_scorer = getattr(self.scorer, "close", None)
+        if close_scorer is not None:
+            close_scorer()  # a fed row leaves the batch
         close = getattr(self._chunks, "close", None)
         if close is not None:
             close()

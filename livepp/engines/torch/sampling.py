@@ -1,22 +1,27 @@
 """One fused step from next-token logits to everything livepp reports.
 
-``next_token_stats`` picks the token and computes, on the device, its raw
-logprob, the full-vocabulary entropy, DeepConf token confidence and the top-k
-alternatives, and packs them in one float64 tensor, so the caller brings
-everything back to the host with a single ``.tolist()``: one sync per token.
+``batch_token_stats`` picks every row's token and computes, on the device
+and in one vectorised pass over the ``[rows, vocab]`` logits, its raw
+logprob, the full-vocabulary entropy and varentropy, DeepConf token
+confidence and the top-k alternatives, and packs them in one float64 tensor,
+so the caller brings everything back to the host with a single
+``.tolist()``: one sync per step. A single stream is a batch of one
+(``next_token_stats``), so both take the same path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
 from livepp.core.events import PositionScore
 from livepp.core.params import GenerationParams
 
-__all__ = ["StepStats", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
+__all__ = ["StepStats", "torch_threads", "batch_token_stats", "sample_token", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
 #                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
@@ -63,19 +68,115 @@ _BLOCK = 128
 
 
 def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` of a large 1-D tensor, in two cheaper stages: the
-    top k lie in the k blocks of 128 with the largest maxima (any element
-    outside them has k block maxima above it), so only those blocks are
-    searched. Exact; about twice as fast as one topk over a 50k vocabulary
-    on a CPU."""
-    n = x.numel()
+    """``torch.topk(x, k)`` over the last dimension of a large tensor ([V] or
+    [R, V]), in two cheaper stages: the top k lie in the k blocks of 128 with
+    the largest maxima (any element outside them has k block maxima above it),
+    so only those blocks are searched. Exact; about twice as fast as one topk
+    over a 50k vocabulary on a CPU."""
+    n = x.shape[-1]
     if n < 64 * _BLOCK or k > 64:
         return torch.topk(x, k)
     pad = -n % _BLOCK
-    blocks = (torch.nn.functional.pad(x, (0, pad), value=-math.inf) if pad else x).view(-1, _BLOCK)
-    best = torch.topk(blocks.amax(dim=1), k).indices
-    values, within = torch.topk(blocks[best].flatten(), k)
-    return values, best[within // _BLOCK] * _BLOCK + within % _BLOCK
+    lead = x.shape[:-1]
+    blocks = (torch.nn.functional.pad(x, (0, pad), value=-math.inf) if pad else x).reshape(*lead, -1, _BLOCK)
+    best = torch.topk(blocks.amax(dim=-1), k).indices  # [..., k] the blocks that hold the top k
+    candidates = torch.gather(blocks, -2, best[..., None].expand(*best.shape, _BLOCK)).flatten(-2)
+    values, within = torch.topk(candidates, k)
+    return values, torch.gather(best, -1, within // _BLOCK) * _BLOCK + within % _BLOCK
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as they are). The
+    llama.cpp engine takes its statistics on one: llama.cpp's own threads
+    spin for a while after each decode, and torch's second thread fighting
+    them for a core made a batch's statistics up to 20x slower."""
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def sample_token(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row's draw from its processed distribution: (token [1], its log-prob
+    under that distribution [1]). The only per-row step of a batch's
+    statistics, since each row has its own sampler settings and generator."""
+    scores = processed_scores(logits, params)
+    probs = torch.softmax(scores, dim=-1)
+    token = torch.multinomial(probs, 1, generator=generator)
+    return token, torch.log_softmax(scores, dim=-1)[token]
+
+
+def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
+                      generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, dict[int, Exception]]:
+    """Choose every row's next token and pack its statistics, in one
+    vectorised pass over the ``[rows, vocab]`` logits block: the raw
+    log-softmax, logprob, entropy, varentropy, top-k and confidence of all
+    rows at once; only sampled rows draw one by one (each with its own
+    settings and generator). Returns the packed ``[rows, width]`` float64
+    block (one host sync brings it back; see :func:`unpack_stats`) and the
+    exception of each row whose draw failed (its packed row is meaningless)."""
+    # logits: [R, V]; statistics are taken in fp32 whatever the model's dtype.
+    logits = logits.float()
+    rows = logits.shape[0]
+    raw = torch.log_softmax(logits, dim=-1)  # [R, V]
+    nan = raw.new_full((rows,), math.nan)
+    token = raw.argmax(dim=-1)  # [R] greedy rows keep this
+    sampling_logprob = nan.clone()
+    failed: dict[int, Exception] = {}
+    for k, (p, gen) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            try:
+                drawn, lp = sample_token(logits[k], p, gen)
+            except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its consumer
+                failed[k] = exc
+                continue
+            token[k] = drawn[0]
+            sampling_logprob[k] = lp[0]
+    chosen = raw.gather(1, token[:, None])[:, 0]
+
+    wants_entropy = [p.entropy for p in params]
+    if any(wants_entropy):
+        # A token of probability 0 has log p = -inf; clamped, its terms p·(...)
+        # are exactly 0 (no real log-prob of finite fp32 logits is near -1e4).
+        logp = raw.clamp(min=-1e4)
+        p_ = logp.exp()
+        entropy = -(p_ * logp).sum(-1)
+        # Varentropy: the variance of the surprisal −log p under p, taken as
+        # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
+        centred = logp + entropy[:, None]
+        varentropy = (p_ * centred * centred).sum(-1)
+        if not all(wants_entropy):
+            off = torch.tensor([not w for w in wants_entropy], device=raw.device)
+            entropy, varentropy = entropy.masked_fill(off, math.nan), varentropy.masked_fill(off, math.nan)
+    else:
+        entropy = varentropy = nan
+
+    n_top = min(max(max(p.top_logprobs, p.confidence_k) for p in params), raw.shape[-1])
+    width = max(p.top_logprobs for p in params)
+    confidence = nan
+    if n_top:
+        top_values, top_ids = top_k(raw, n_top)  # [R, n_top]
+        ks = [min(p.confidence_k, n_top) for p in params]
+        if any(ks):
+            if len(set(ks)) == 1:
+                confidence = -top_values[:, : ks[0]].mean(-1)
+            else:  # rows that ask for different k: each mean of its own top k
+                sums = top_values.cumsum(-1)
+                at = torch.tensor([max(k, 1) - 1 for k in ks], device=raw.device)
+                confidence = -sums.gather(1, at[:, None])[:, 0] / torch.tensor([max(k, 1) for k in ks], device=raw.device)
+                confidence = confidence.masked_fill(torch.tensor([k == 0 for k in ks], device=raw.device), math.nan)
+    parts = [token.to(raw.dtype), chosen, entropy, confidence, sampling_logprob, varentropy]
+    columns = [x[:, None] for x in parts]
+    if width:
+        columns += [top_values[:, :width], top_ids[:, :width].to(raw.dtype)]
+    # float64 keeps token ids exact for any vocabulary (fp32 would stop at 2^24).
+    return torch.cat(columns, dim=1).double(), failed
 
 
 def next_token_stats(
@@ -83,58 +184,27 @@ def next_token_stats(
     params: GenerationParams,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Choose the next token and pack its statistics; see the module docstring."""
-    # logits: [V]; statistics are taken in fp32 whatever the model's dtype.
-    logits = logits.float()
-    raw_logprobs = torch.log_softmax(logits, dim=-1)
-    nan = raw_logprobs.new_full((1,), math.nan)
-
-    if params.greedy:
-        token = torch.argmax(raw_logprobs).view(1)
-        sampling_logprob = nan
-    else:
-        scores = processed_scores(logits, params)
-        probs = torch.softmax(scores, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator)
-        sampling_logprob = torch.log_softmax(scores, dim=-1)[token]
-
-    if params.entropy:
-        # A token of probability 0 has log p = -inf; clamped, its terms p·(...)
-        # are exactly 0 (no real log-prob of finite fp32 logits is near -1e4).
-        logp = raw_logprobs.clamp(min=-1e4)
-        p = logp.exp()
-        entropy = -torch.dot(p, logp).view(1)
-        # Varentropy: the variance of the surprisal −log p under p, taken as
-        # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
-        centred = logp + entropy
-        varentropy = torch.dot(p, centred * centred).view(1)
-    else:
-        entropy = varentropy = nan
-
-    n_top = max(params.top_logprobs, params.confidence_k)
-    if n_top:
-        top_values, top_ids = top_k(raw_logprobs, min(n_top, raw_logprobs.numel()))
-    if params.confidence_k:
-        confidence = -top_values[: params.confidence_k].mean().view(1)
-    else:
-        confidence = nan
-    k = params.top_logprobs
-    parts = [token.to(raw_logprobs.dtype), raw_logprobs[token], entropy, confidence, sampling_logprob, varentropy]
-    if k:
-        parts += [top_values[:k], top_ids[:k].to(raw_logprobs.dtype)]
-    # float64 keeps token ids exact for any vocabulary (fp32 would stop at 2^24).
-    return torch.cat(parts).double()
+    """One sequence's next token and packed statistics (:func:`batch_token_stats`
+    of one row, so a row alone and a row of a batch take the same path)."""
+    # logits: [V]
+    packed, failed = batch_token_stats(logits[None], [params], [generator])
+    if failed:
+        raise failed[0]
+    return packed[0, : _HEAD + 2 * params.top_logprobs]
 
 
 def _optional(x: float) -> float | None:
     return None if math.isnan(x) else x
 
 
-def unpack_stats(values: list[float]) -> StepStats:
-    """Turn the host copy of a packed tensor back into named fields."""
-    k = (len(values) - _HEAD) // 2
+def unpack_stats(values: list[float], top: int | None = None) -> StepStats:
+    """Turn the host copy of a packed row back into named fields; ``top``:
+    the row's own number of alternatives when the block is wider (a batch
+    packs as many as its widest row asks for)."""
+    width = (len(values) - _HEAD) // 2
+    k = width if top is None else top
     top_values = values[_HEAD : _HEAD + k]
-    top_ids = values[_HEAD + k :]
+    top_ids = values[_HEAD + width : _HEAD + width + k]
     return StepStats(
         token_id=int(values[0]),
         logprob=values[1],
