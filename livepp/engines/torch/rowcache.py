@@ -19,6 +19,12 @@ layer's old columns are masked, not dropped), so the numbers equal the row's
 own decoding whatever else shares the batch; a sliding-window model's batch
 holds as much KV memory as a full-attention one's.
 
+While every row holds a token in every column at the position of that
+column (one row decoding alone, or rows that prefilled the same length and
+fed alike since), no mask is passed: the model builds its own causal (and
+sliding-window) mask, as a single stream's forward pass does, so one request
+alone gets bit for bit the numbers of the single-stream decoder.
+
 Only the logits a caller asks for are computed: the final norm's output at
 those (row, slot) pairs goes through the output layer (and the model's final
 logit soft-capping or scaling), never a ``[rows, slots, vocabulary]`` block.
@@ -97,6 +103,7 @@ class RowCache:
         self.cache: Any = None
         self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
         self.positions = torch.zeros((0, 0), dtype=torch.long, device=self.device)
+        self.aligned = True  # every column holds a token of every row, at the column's position (module docstring)
 
     @property
     def rows(self) -> int:
@@ -132,8 +139,9 @@ class RowCache:
         new_positions = torch.tensor(starts, device=device)[:, None] + slot[None, :]  # [B, q]
         valid = torch.cat([self.valid, new_valid], dim=1)  # [B, T+q]
         positions = torch.cat([self.positions, new_positions], dim=1)
-        masks = self._masks(valid, positions, new_valid, new_positions)
         width = self.width
+        self.aligned = self.aligned and all(len(f) == q for f in feeds) and all(s == width for s in starts)
+        masks = None if self.aligned else self._masks(valid, positions, new_valid, new_positions)
         out = self.model.base_model(input_ids=ids, attention_mask=masks, position_ids=new_positions, past_key_values=self.cache,
                                     use_cache=True, cache_position=torch.arange(width, width + q, device=device))
         self.valid, self.positions = valid, positions
@@ -187,6 +195,7 @@ class RowCache:
     def forget(self, row: int) -> None:
         """Row ``row`` starts over: none of its columns is seen again."""
         self.valid[row] = False
+        self.aligned = False
 
     def _compact(self) -> None:
         used = self.valid.any(dim=0)
@@ -212,6 +221,7 @@ class RowCache:
         if self.cache is None or self.width == 0:
             empty = self.rows  # rows that joined with no tokens yet stay first
             self.cache, self.valid, self.positions = other.cache, other.valid, other.positions
+            self.aligned = other.aligned and not empty
             if empty:
                 for layer in self.cache.layers:
                     layer.keys = torch.cat([layer.keys.new_zeros((empty, *layer.keys.shape[1:])), layer.keys], dim=0)
@@ -225,6 +235,7 @@ class RowCache:
             return F.pad(x, (0, 0, width - length, 0)) if width > length else x
 
         la, lb = self.width, other.width
+        self.aligned = self.aligned and other.aligned and la == lb
         for a, b in zip(self.cache.layers, other.cache.layers):
             a.keys = torch.cat([pad(a.keys, la), pad(b.keys, lb)], dim=0)
             a.values = torch.cat([pad(a.values, la), pad(b.values, lb)], dim=0)
@@ -233,6 +244,7 @@ class RowCache:
 
     def add_empty_row(self) -> None:
         """A row with no tokens yet joins after the others."""
+        self.aligned = self.aligned and self.width == 0
         if self.cache is not None:
             for layer in self.cache.layers:
                 if layer.is_initialized:
@@ -242,6 +254,6 @@ class RowCache:
         self.positions = torch.cat([self.positions, self.positions.new_zeros((1, self.width))], dim=0)
 
     def clear(self) -> None:
-        self.cache = None
+        self.cache, self.aligned = None, True
         self.valid = torch.zeros((0, 0), dtype=torch.bool, device=self.device)
         self.positions = torch.zeros((0, 0), dtype=torch.long, device=self.device)
