@@ -198,10 +198,15 @@ async def _shut_down(server: Service, paused: set[Any]) -> None:
         connection.transport.abort()
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound socket (listening starts when it is served). ``reuse_port``:
+    one of several sockets on one port, each its own accept queue, among which
+    the kernel spreads new connections (Linux's SO_REUSEPORT)."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError:
