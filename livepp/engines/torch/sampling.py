@@ -140,23 +140,6 @@ def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
             sampling_logprob[k] = lp[0]
     chosen = raw.gather(1, token[:, None])[:, 0]
 
-    wants_entropy = [p.entropy for p in params]
-    if any(wants_entropy):
-        # A token of probability 0 has log p = -inf; clamped, its terms p·(...)
-        # are exactly 0 (no real log-prob of finite fp32 logits is near -1e4).
-        logp = raw.clamp(min=-1e4)
-        p_ = logp.exp()
-        entropy = -(p_ * logp).sum(-1)
-        # Varentropy: the variance of the surprisal −log p under p, taken as
-        # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
-        centred = logp + entropy[:, None]
-        varentropy = (p_ * centred * centred).sum(-1)
-        if not all(wants_entropy):
-            off = torch.tensor([not w for w in wants_entropy], device=raw.device)
-            entropy, varentropy = entropy.masked_fill(off, math.nan), varentropy.masked_fill(off, math.nan)
-    else:
-        entropy = varentropy = nan
-
     n_top = min(max(max(p.top_logprobs, p.confidence_k) for p in params), raw.shape[-1])
     width = max(p.top_logprobs for p in params)
     confidence = nan
@@ -171,6 +154,26 @@ def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
                 at = torch.tensor([max(k, 1) - 1 for k in ks], device=raw.device)
                 confidence = -sums.gather(1, at[:, None])[:, 0] / torch.tensor([max(k, 1) for k in ks], device=raw.device)
                 confidence = confidence.masked_fill(torch.tensor([k == 0 for k in ks], device=raw.device), math.nan)
+    wants_entropy = [p.entropy for p in params]
+    if any(wants_entropy):
+        # A token of probability 0 has log p = -inf; clamped, its terms p·(...)
+        # are exactly 0 (no real log-prob of finite fp32 logits is near -1e4).
+        # Two [R, V] temporaries, updated in place, and ``raw`` (read for the
+        # last time above) as the scratch of the products: no further [R, V]
+        # block is allocated (a large allocation costs page faults every step).
+        logp = raw.clamp(min=-1e4)
+        p_ = logp.exp()
+        entropy = -torch.mul(p_, logp, out=raw).sum(-1)
+        # Varentropy: the variance of the surprisal −log p under p, taken as
+        # Σ p (log p + H)², which does not cancel as E[(log p)²] − H² would.
+        centred = logp.add_(entropy[:, None])
+        varentropy = torch.mul(p_.mul_(centred), centred, out=raw).sum(-1)
+        if not all(wants_entropy):
+            off = torch.tensor([not w for w in wants_entropy], device=raw.device)
+            entropy, varentropy = entropy.masked_fill(off, math.nan), varentropy.masked_fill(off, math.nan)
+    else:
+        entropy = varentropy = nan
+
     parts = [token.to(raw.dtype), chosen, entropy, confidence, sampling_logprob, varentropy]
     columns = [x[:, None] for x in parts]
     if width:
@@ -257,12 +260,15 @@ def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[
     target = torch.tensor(token_ids, device=logprobs.device)[:, None]
     chosen = logprobs.gather(1, target)
     rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
-    p = logprobs.clamp(min=-1e4).exp()
-    entropy = -(p * logprobs.clamp(min=-1e4)).sum(-1, keepdim=True)
-    parts = [chosen, rank.to(logprobs.dtype), entropy]
+    parts = [chosen, rank.to(logprobs.dtype)]
     if top:
-        top_values, top_ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+        top_values, top_ids = top_k(logprobs, min(top, logprobs.shape[-1]))
         parts += [top_values, top_ids.to(logprobs.dtype)]
+    # As batch_token_stats: one clamped copy and its exp, the product written
+    # over that exp (no third [T, V] block).
+    clamped = logprobs.clamp(min=-1e4)
+    p = clamped.exp()
+    parts.insert(2, -torch.mul(p, clamped, out=p).sum(-1, keepdim=True))  # the entropy
     rows = torch.cat(parts, dim=1).double().tolist()  # the one host sync
     k = (len(rows[0]) - 3) // 2 if rows else 0
     return [PositionScore(pos, tid, row[0], int(row[1]), row[2], tuple((int(i), v) for v, i in zip(row[3:3 + k], row[3 + k:])))
