@@ -109,3 +109,72 @@ def test_a_scored_prompt_queued_behind_a_generation_is_scored_not_prefilled_with
         scheduler.close()
     want = score_ids(decoder.loaded, ids)
     assert [s.logprob for s in scores] == pytest.approx([t.logprob for t in want.tokens], abs=1e-4)
+
+
+def test_short_scored_prompts_waiting_together_share_one_forward_pass_and_each_scores_as_alone(decoder):
+    """lm-eval's loglikelihood requests with num_concurrent: scored prompts
+    that wait together are prefilled and scored in one forward pass (up to a
+    chunk's tokens in all), each with its numbers alone; a scored row that
+    also generates joins the batch after it."""
+    from livepp.engines.protocol import ScoreSpec
+    from livepp.scoring.teacher_forced import score_ids
+
+    texts = ["The capital of France is Paris.", "Two plus two is four, and three plus three is six.", "Owls hunt at night.",
+             "Water boils at one hundred degrees Celsius at sea level."]
+    ids = [decoder.tokenizer(t)["input_ids"] for t in texts]
+    scheduler = Scheduler(TorchEngine(decoder), max_batch=8, prefill_chunk=256, gather_s=0.3)
+    log = ForwardLog(decoder.model)
+    scores: dict[int, list] = {i: [] for i in range(len(texts))}
+    try:
+        streams = [scheduler.open(ids[i], GenerationParams(max_new_tokens=3, ignore_eos=True),
+                                  score=ScoreSpec(first=2 if i == 1 else 1, top=2, generate=i == 3),
+                                  on_scores=lambda row, s, i=i: scores[i].extend(s)) for i in range(len(texts))]
+        generated = [list(s) for s in streams]
+    finally:
+        log.close()
+        scheduler.close()
+    assert log.shapes[0] == (4, max(len(x) for x in ids))  # one forward pass for all four prompts
+    assert [len(g) for g in generated] == [0, 0, 0, 3]
+    for i, x in enumerate(ids):
+        want = score_ids(decoder.loaded, x)
+        first = 2 if i == 1 else 1
+        assert [s.position for s in scores[i]] == list(range(first, len(x)))
+        assert [s.logprob for s in scores[i]] == pytest.approx([t.logprob for t in want.tokens][first - 1:], abs=1e-4)
+        assert all(len(s.top) == 2 and s.top[0][1] >= s.logprob - 1e-6 for s in scores[i])
+    alone = Monitor().run(decoder.stream(ids[3], GenerationParams(max_new_tokens=3, ignore_eos=True)))
+    assert [r.token_id for r in generated[3]] == alone.token_ids
+    assert [r.logprob for r in generated[3]] == pytest.approx([t.logprob for t in alone.tokens], abs=1e-4)
+
+
+def test_requests_one_after_another_wait_for_nobody_and_a_burst_still_shares_a_prefill(decoder):
+    """The idle engine's wait for more arrivals (gather_s) is paid only while
+    requests overlap in time: a lone request that gathered nobody turns it
+    off, a request arriving while another runs turns it on again."""
+    import time
+
+    scheduler = Scheduler(TorchEngine(decoder), max_batch=4, gather_s=0.6)
+    params = GenerationParams(max_new_tokens=1, ignore_eos=True)
+    log = ForwardLog(decoder.model)
+
+    def first_token_s(prompt: str) -> float:
+        t = time.perf_counter()
+        stream = scheduler.open(prompt, params)
+        next(stream)
+        list(stream)
+        return time.perf_counter() - t
+
+    try:
+        assert first_token_s("Hello there.") >= 0.6  # the first lone arrival waited for a burst
+        assert first_token_s("Hello again.") < 0.4  # it gathered nobody: the next lone request waits for no one
+        assert first_token_s("And again.") < 0.4
+        a = scheduler.open("One burst.", GenerationParams(max_new_tokens=3, ignore_eos=True))
+        next(a)  # a runs (it steps when its consumer reads) ...
+        b = scheduler.open("Two in it.", params)  # ... when b arrives: requests overlap
+        list(a), list(b)
+        log.shapes.clear()
+        c, d = scheduler.open("The next burst.", params), scheduler.open("Its second.", params)
+        list(c), list(d)
+    finally:
+        log.close()
+        scheduler.close()
+    assert log.shapes[0][0] == 2, log.shapes  # the burst before turned gathering on again: this one shares one prefill

@@ -6,8 +6,10 @@ context, ``engines/llamacpp.py``).
 Streams are opened from any thread (:meth:`Scheduler.open`, and
 :meth:`Scheduler.open_batch` for N rows read together, e.g. DeepConf traces).
 A new row waits in a bounded queue until the batch has room, is prefilled
-(prompts up to ``prefill_chunk`` tokens together in one padded pass; a longer
-prompt alone, one chunk per turn, so running rows wait at most one chunk),
+(prompts up to ``prefill_chunk`` tokens together in one padded pass; scored
+prompts likewise, up to ``prefill_chunk`` tokens in all, on the torch engine;
+a longer prompt alone, one chunk per turn, so running rows wait at most one
+chunk),
 delivers its first token, and joins the shared batch at the next step: its KV
 cache joins the batch's. A row
 that ends (EOS, stop string, length) or whose consumer closes it (a policy
@@ -108,9 +110,13 @@ class Scheduler:
         self.encoder = PromptEncoder(self.text.tokenizer, context_length=self.text.context_length, name=self.name)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         # An idle engine waits this long after the latest arrival (at most 5x
-        # in all) before prefilling, so a burst of requests shares one prefill.
+        # in all) before prefilling, so a burst of requests shares one prefill;
+        # but only while requests overlap in time (a request arriving while
+        # another is queued or running): a client sending one request after
+        # another (lm-eval with num_concurrent 1) would wait for nobody before each.
         self.gather_s = gather_s
         self._last_submit = 0.0
+        self._bursts = True  # whether requests overlap in time (see _gather)
         self._cv = threading.Condition()
         self._queue: deque[_Slot] = deque()
         self._prefill: list[_Slot] = []
@@ -206,6 +212,8 @@ class Scheduler:
         if occupied + len(rows) > self.max_batch:
             # Its place among the rows that wait for someone to leave the batch.
             channel.queue_position = max(1, occupied + 1 - self.max_batch)
+        if self._queue or self._prefill or self._active or len(rows) > 1:
+            self._bursts = True  # requests overlap in time: concurrent clients, whose arrivals gathering can catch
         self._last_submit = time.perf_counter()
         for i, row in enumerate(rows):
             slot = _Slot(channel, i, row)
@@ -293,14 +301,17 @@ class Scheduler:
 
     def _gather(self) -> None:
         """With nothing running, let a burst of arrivals gather (under the lock)."""
-        if self._active or not self._queue or self.gather_s <= 0:
+        if self._active or not self._queue or self.gather_s <= 0 or not self._bursts:
             return
         cap = time.perf_counter() + 5 * self.gather_s
+        arrived = len(self._queue)
         while not self._stopping and len(self._queue) < self.max_batch:
             wait = min(self._last_submit + self.gather_s, cap) - time.perf_counter()
             if wait <= 0:
-                return
+                break
             self._cv.wait(wait)
+        if len(self._queue) == arrived == 1:
+            self._bursts = False  # waited for nobody: no more waiting until requests overlap again
 
     def _step_ready(self) -> bool:
         # A fed row never holds up a step; a step runs when some row has work.
@@ -334,6 +345,19 @@ class Scheduler:
             self.backend.join_empty()
             self._active.append(first)
             return
+        short = len(first.row.request.prompt_ids) <= self.prefill_chunk
+        if first.row.request.score is not None and short and hasattr(self.backend, "score_group"):
+            # Short scored prompts (lm-eval's loglikelihood requests) together,
+            # up to one chunk's tokens in all: one forward pass scores them all.
+            group, total = [self._queue.popleft()], len(first.row.request.prompt_ids)
+            while (self._queue and len(group) < room and self._queue[0].row.fed is None and self._queue[0].row.request.score is not None
+                   and total + len(self._queue[0].row.request.prompt_ids) <= self.prefill_chunk):
+                total += len(self._queue[0].row.request.prompt_ids)
+                group.append(self._queue.popleft())
+            reports = [lambda scores, s=s: self._scored(s, scores) for s in group]
+            self._prefill_steps = iter(self.backend.score_group([s.row for s in group], reports))
+            self._prefill = group
+            return
         if first.row.request.score is not None:  # a scored prompt: alone, chunk by chunk
             group = [self._queue.popleft()]
             self._prefill_steps = iter(self.backend.score_prefill(first.row, self.prefill_chunk, lambda scores: self._scored(first, scores)))
@@ -365,18 +389,23 @@ class Scheduler:
             return  # more chunks to go; running rows step in between
         self._prefill_steps = None
         group = self._prefill
-        score = group[0].row.request.score
-        if score is not None and not score.generate:  # scored, nothing to generate: the row is done
+        # Scored rows with nothing to generate are done; the others sample and join.
+        generating = [k for k, s in enumerate(group) if s.row.request.score is None or s.row.request.score.generate]
+        if len(generating) < len(group):
             with self._cv:
-                group[0].done = group[0].row.done = True
-                self.backend.join([])
-                self._prefill = []
-                self._cv.notify_all()
-            return
-        records = sample_rows(self.text, [s.row for s in group], logits)
+                for k, s in enumerate(group):
+                    if k not in generating:
+                        s.done = s.row.done = True
+                if not generating:
+                    self.backend.join([])
+                    self._prefill = []
+                    self._cv.notify_all()
+                    return
+            logits = logits[generating]  # a group of scored rows (the torch backend): its next-token logits, rows in order
+        records = sample_rows(self.text, [group[k].row for k in generating], logits)
         with self._cv:
-            keep = [k for k, s in enumerate(group) if not s.row.done and not s.cancelled]
-            self._deliver(group, records)
+            keep = [k for k in generating if not group[k].row.done and not group[k].cancelled]
+            self._deliver([group[k] for k in generating], records)
             self.backend.join(keep)
             self._active.extend(group[k] for k in keep)
             self._prefill = []

@@ -92,6 +92,31 @@ class TorchBackend:
 
         yield from self._chunked(ids, chunk, scored)
 
+    def score_group(self, rows: Sequence[Row], reports: Sequence[Callable[[list[PositionScore]], None]]) -> Iterator[Callable[[], Any]]:
+        """Short prompts (``prefill_chunk`` tokens in all) prefilled and scored
+        in one forward pass, each as :meth:`score_prefill` scores it alone
+        (``reports[i]`` gets row i's scores); returns each row's next-token
+        logits, rows in order."""
+
+        def whole() -> Any:
+            prompts = [list(r.request.prompt_ids) for r in rows]
+            cache = self.batcher.new_cache()
+            with torch.inference_mode():
+                logits = cache.forward(prompts, [0] * len(prompts), [range(len(ids)) for ids in prompts])  # [tokens in all, V]
+                at, last = 0, []
+                for row, ids, report in zip(rows, prompts, reports):
+                    n, spec = len(ids), row.request.score
+                    assert spec is not None
+                    lo, hi = max(1, spec.first), n - 1
+                    if lo <= hi:  # position k's distribution is the logits of slot k - 1
+                        report(position_scores(logits[at + lo - 1 : at + hi], list(range(lo, hi + 1)), ids[lo : hi + 1], spec.top))
+                    last.append(at + n - 1)
+                    at += n
+            self._pending = cache
+            return logits[last]
+
+        yield whole
+
     def join(self, keep: list[int]) -> None:
         """The prefilled rows at ``keep`` (indices into the group) join the batch."""
         if self._pending is None:  # a prefill abandoned before its last chunk: its cache is dropped
