@@ -147,9 +147,9 @@ def test_short_scored_prompts_waiting_together_share_one_forward_pass_and_each_s
 
 
 def test_requests_one_after_another_wait_for_nobody_and_a_burst_still_shares_a_prefill(decoder):
-    """The idle engine's wait for more arrivals (gather_s) is paid only while
-    requests overlap in time: a lone request that gathered nobody turns it
-    off, a request arriving while another runs turns it on again."""
+    """The idle engine's wait for more arrivals (gather_s) is paid in full only
+    while requests overlap in time: a lone request that gathered nobody cuts
+    it to a fifth, a request arriving while another runs restores it."""
     import time
 
     scheduler = Scheduler(TorchEngine(decoder), max_batch=4, gather_s=0.6)
@@ -165,8 +165,13 @@ def test_requests_one_after_another_wait_for_nobody_and_a_burst_still_shares_a_p
 
     try:
         assert first_token_s("Hello there.") >= 0.6  # the first lone arrival waited for a burst
-        assert first_token_s("Hello again.") < 0.4  # it gathered nobody: the next lone request waits for no one
+        assert first_token_s("Hello again.") < 0.4  # it gathered nobody: the next lone request waits a fifth as long
         assert first_token_s("And again.") < 0.4
+        log.shapes.clear()
+        e, f = scheduler.open("A burst after them.", params), scheduler.open("Its other half.", params)
+        list(e), list(f)
+        assert log.shapes[0][0] == 2  # the short wait still caught the burst that came after the lone requests
+        assert first_token_s("Alone once more.") >= 0.6  # ... which restored the full wait; it gathers nobody
         a = scheduler.open("One burst.", GenerationParams(max_new_tokens=3, ignore_eos=True))
         next(a)  # a runs (it steps when its consumer reads) ...
         b = scheduler.open("Two in it.", params)  # ... when b arrives: requests overlap
