@@ -84,7 +84,8 @@ def test_generate_policy_stops_where_replay_of_its_trace_stops(decoder, tmp_path
     assert full.exit_code == 0, full.output
     trace = tmp_path / "t.jsonl"
     trace.write_text(full.stdout)
-    tokens = [json.loads(x) for x in full.stdout.splitlines() if '"type": "token"' in x]
+    tokens = [e for e in map(json.loads, full.stdout.splitlines()) if e["type"] == "token"]
+    assert len(tokens) == 40
     assert all(isinstance(t["varentropy"], float) for t in tokens)
     # a threshold that fires mid-way on this text
     threshold = float(np.median([t["varentropy"] for t in tokens[4:]]))
