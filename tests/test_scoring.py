@@ -236,3 +236,27 @@ def test_windowed_target_scores_only_target_tokens_and_skips_prompt_windows(load
     for tok, pos in zip(windowed.tokens, range(n_ids - len(whole.tokens), n_ids)):
         w = next(w for w in plan if w.score_from <= pos < w.end)
         assert tok.logprob == pytest.approx(logprob_of_last(loaded, ids[w.begin : pos + 1]), abs=1e-4)
+
+
+def test_position_scores_without_entropy_or_rank_skip_them_and_change_nothing_else():
+    """The OpenAI scoring path asks for neither (its shapes carry no entropy,
+    only vLLM's prompt_logprobs a rank): the logprobs and top-k stay exactly
+    those of the full computation, and the skipped fields say so (None, 0)."""
+    import math
+
+    import torch
+
+    from livepp.engines.torch.sampling import position_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50_000, generator=g) * 3
+    ids = torch.randint(0, 50_000, (6,), generator=g).tolist()
+    full = position_scores(logits, list(range(1, 7)), ids, 3)
+    lean = position_scores(logits, list(range(1, 7)), ids, 3, entropy=False, rank=False)
+    assert [(s.position, s.token_id, s.logprob, s.top) for s in lean] == [(s.position, s.token_id, s.logprob, s.top) for s in full]
+    assert all(s.entropy is None and s.rank == 0 for s in lean)
+    p = torch.softmax(logits.double(), -1)
+    want_entropy = (-(p * p.log()).sum(-1)).tolist()
+    want_rank = [int((logits[i] > logits[i, t]).sum()) + 1 for i, t in enumerate(ids)]
+    assert [s.rank for s in full] == want_rank
+    assert all(math.isclose(s.entropy, h, rel_tol=1e-5) for s, h in zip(full, want_entropy))

@@ -369,7 +369,8 @@ class LlamaBackend:
                 out = self.llama.decode([(ids[k], k, seq, wanted(k)) for k in range(start, end)])
                 scored = [k for k in range(start, end) if spec.first <= k + 1 <= n - 1]
                 if scored:
-                    on_scores(position_scores(out[: len(scored)], [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top))
+                    on_scores(position_scores(out[: len(scored)], [k + 1 for k in scored], [ids[k + 1] for k in scored], spec.top,
+                        entropy=spec.entropy, rank=spec.rank))
                 return out[-1][None] if end == n else None
 
             yield run

@@ -76,6 +76,8 @@ class ScoreSpec:
     first: int = 1
     top: int = 0
     generate: bool = True
+    entropy: bool = True  # each position's entropy (None when off: the OpenAI shapes carry none)
+    rank: bool = True  # each position's rank in the vocabulary (0 when off: only vLLM's prompt_logprobs carry it)
 
 
 def is_token_ids(prompt: Any) -> bool:

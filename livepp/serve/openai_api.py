@@ -276,7 +276,8 @@ class OpenAIApi:
         for i, prompt in enumerate(prompts):
             if prompt.complete:  # one token: nothing to score
                 emit(i, prompt)
-        spec = ScoreSpec(first=1, top=req.prompt_top, generate=req.generate)
+        # The OpenAI shapes carry no entropy; only vLLM's prompt_logprobs carry a rank.
+        spec = ScoreSpec(first=1, top=req.prompt_top, generate=req.generate, entropy=False, rank=req.prompt_logprobs is not None)
         return ids, {"scores": [spec] * len(rows), "on_scores": on_scores}
 
 

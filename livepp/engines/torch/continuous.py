@@ -88,7 +88,8 @@ class TorchBackend:
         def scored(start: int, end: int, logits: torch.Tensor) -> None:
             lo, hi = max(start + 1, spec.first), min(end, n - 1)
             if lo <= hi:
-                on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top))
+                on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top,
+                    entropy=spec.entropy, rank=spec.rank))
 
         yield from self._chunked(ids, chunk, scored)
 
@@ -109,7 +110,8 @@ class TorchBackend:
                     assert spec is not None
                     lo, hi = max(1, spec.first), n - 1
                     if lo <= hi:  # position k's distribution is the logits of slot k - 1
-                        report(position_scores(logits[at + lo - 1 : at + hi], list(range(lo, hi + 1)), ids[lo : hi + 1], spec.top))
+                        report(position_scores(logits[at + lo - 1 : at + hi], list(range(lo, hi + 1)), ids[lo : hi + 1], spec.top,
+                            entropy=spec.entropy, rank=spec.rank))
                     last.append(at + n - 1)
                     at += n
             self._pending = cache

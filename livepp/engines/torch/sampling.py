@@ -269,26 +269,30 @@ def forced_token_stats(logits: torch.Tensor, token_ids: list[int], params: Gener
     return [unpack_stats(row) for row in packed]
 
 
-def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[int], top: int) -> list[PositionScore]:
+def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[int], top: int, *, entropy: bool = True,
+                    rank: bool = True) -> list[PositionScore]:
     """The scores of given tokens: row ``i`` of ``logits`` [T, V] is the
     distribution ``token_ids[i]`` (at ``positions[i]``) was drawn from. The
     raw logprob, the 1-based rank among all V tokens (ties counted in the
     token's favour), the entropy and the ``top`` most likely tokens, for T
-    rows with one host sync; nothing larger than [T, V] is made."""
+    rows with one host sync; nothing larger than [T, V] is made. Without
+    ``entropy`` (None) or ``rank`` (0), those passes over [T, V] are skipped."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     target = torch.tensor(token_ids, device=logprobs.device)[:, None]
     chosen = logprobs.gather(1, target)
-    rank = (logprobs > chosen).sum(-1, keepdim=True) + 1
-    parts = [chosen, rank.to(logprobs.dtype)]
+    nan = torch.full_like(chosen, math.nan)
+    ranks = ((logprobs > chosen).sum(-1, keepdim=True) + 1).to(logprobs.dtype) if rank else torch.zeros_like(chosen)
+    parts = [chosen, ranks, nan]
     if top:
         top_values, top_ids = top_k(logprobs, min(top, logprobs.shape[-1]))
         parts += [top_values, top_ids.to(logprobs.dtype)]
-    # As batch_token_stats: one clamped copy and its exp, the product written
-    # over that exp (no third [T, V] block).
-    clamped = logprobs.clamp(min=-1e4)
-    p = clamped.exp()
-    parts.insert(2, -torch.mul(p, clamped, out=p).sum(-1, keepdim=True))  # the entropy
+    if entropy:
+        # As batch_token_stats: one clamped copy and its exp, the product
+        # written over that exp (no third [T, V] block).
+        clamped = logprobs.clamp(min=-1e4)
+        p = clamped.exp()
+        parts[2] = -torch.mul(p, clamped, out=p).sum(-1, keepdim=True)
     rows = torch.cat(parts, dim=1).double().tolist()  # the one host sync
     k = (len(rows[0]) - 3) // 2 if rows else 0
-    return [PositionScore(pos, tid, row[0], int(row[1]), row[2], tuple((int(i), v) for v, i in zip(row[3:3 + k], row[3 + k:])))
+    return [PositionScore(pos, tid, row[0], int(row[1]), row[2] if entropy else None, tuple((int(i), v) for v, i in zip(row[3:3 + k], row[3 + k:])))
             for pos, tid, row in zip(positions, token_ids, rows)]
