@@ -153,6 +153,19 @@ def llama_batch(engine, rows, n):
     return rows * n / (time.perf_counter() - t)
 
 
+def interleaved_best(runs: dict, repeats: int) -> dict[str, float]:
+    """Every contender once to warm up (allocator, thread pools, caches), then
+    ``repeats`` rounds of all of them in turn, so that machine noise hits them
+    alike; each contender's best round."""
+    for fn in runs.values():
+        fn()
+    best = {name: 0.0 for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            best[name] = max(best[name], fn())
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=128)
@@ -209,13 +222,7 @@ def main() -> None:
             runs["llama.cpp engine, batch 8 (aggregate)"] = lambda: llama_batch(llama, 8, n)
             runs["llama.cpp engine, batch 1 (sampled)"] = lambda: llama_batch(llama, 1, n)
 
-    for fn in runs.values():  # warm-up: allocator, thread pools, caches
-        fn()
-    best = {name: 0.0 for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            best[name] = max(best[name], fn())
-
+    best = interleaved_best(runs, args.repeats)
     width = max(map(len, runs))
     print()
     for name, tps in best.items():
@@ -254,12 +261,7 @@ def batch_main(args) -> None:
     for b in batches:
         runs[f"bare llama.cpp loop, batch {b} (argmax only)"] = lambda b=b: llama_bare_batch(ctx, ids, b, n)
         runs[f"llama.cpp engine, batch {b}, full monitoring"] = lambda b=b: llama_engine_batch(engine, b, n)
-    for fn in runs.values():  # warm-up
-        fn()
-    best = {name: 0.0 for name in runs}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            best[name] = max(best[name], fn())
+    best = interleaved_best(runs, args.repeats)
     width = max(map(len, runs))
     print()
     for name, tps in best.items():

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LiveppError", "PromptTooLong", "EngineBusy", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS", "GREEDY_BELOW"]
+__all__ = ["LiveppError", "PromptTooLong", "EngineBusy", "GenerationParams", "DEFAULT_MAX_NEW_TOKENS", "GREEDY_BELOW", "watch_windows"]
 
 DEFAULT_MAX_NEW_TOKENS = 256
 # A temperature below this is greedy (vLLM's rule): dividing fp32 logits by a
@@ -118,3 +118,16 @@ class GenerationParams:
         out = dataclasses.asdict(self)
         out["stop"] = list(self.stop)
         return out
+
+
+def watch_windows(context: int, max_length: int | None, stride: int | None) -> tuple[int, int]:
+    """A watched text's window length and stride, checked: the window at most
+    the model's context (default: all of it), the stride at most the window
+    (default: the window given, else half the context)."""
+    if max_length is not None and not 2 <= max_length <= context:
+        raise LiveppError(f"max_length must be between 2 and the model's context of {context}, got {max_length}")
+    length = max_length or context
+    step = stride or (max_length if max_length is not None else context // 2)
+    if not 1 <= step <= length:
+        raise LiveppError(f"stride must be between 1 and max_length ({length}), got {step}")
+    return length, step

@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.params import GenerationParams, watch_windows
 
 __all__ = ["Feed", "FedState", "ScheduledScorer", "plan_feed"]
 
@@ -95,12 +95,7 @@ class ScheduledScorer:
 
     def __init__(self, scheduler: Any, params: GenerationParams, *, max_length: int | None = None, stride: int | None = None) -> None:
         context = scheduler.text.context_length
-        if max_length is not None and not 2 <= max_length <= context:
-            raise LiveppError(f"max_length must be between 2 and the model's context of {context}, got {max_length}")
-        self.max_length = max_length or context
-        self.stride = stride or (max_length if max_length is not None else context // 2)
-        if not 1 <= self.stride <= self.max_length:
-            raise LiveppError(f"stride must be between 1 and max_length ({self.max_length}), got {self.stride}")
+        self.max_length, self.stride = watch_windows(context, max_length, stride)
         self.stream = scheduler.open_fed(params)
         self.n = 0  # positions appended so far
         self.begin = 0  # the current window's first position

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from livepp.core.events import TokenRecord
-from livepp.core.params import GenerationParams, LiveppError
+from livepp.core.params import GenerationParams, LiveppError, watch_windows
 from livepp.engines.detokenize import IncrementalDetokenizer
 from livepp.engines.torch.models import LoadedModel
 from livepp.engines.torch.decoder import alternatives, token_record
@@ -128,12 +128,7 @@ class IncrementalScorer:
     def __init__(self, loaded: LoadedModel, params: GenerationParams, *, max_length: int | None = None,
                  stride: int | None = None) -> None:
         context = loaded.context_length
-        if max_length is not None and not 2 <= max_length <= context:
-            raise LiveppError(f"max_length must be between 2 and the model's context of {context}, got {max_length}")
-        self.max_length = max_length or context
-        self.stride = stride or (max_length if max_length is not None else context // 2)
-        if not 1 <= self.stride <= self.max_length:
-            raise LiveppError(f"stride must be between 1 and max_length ({self.max_length}), got {self.stride}")
+        self.max_length, self.stride = watch_windows(context, max_length, stride)
         self.loaded, self.model, self.params = loaded, loaded.model, params
         self.device = self.model.device
         self.n = 0  # positions appended so far
