@@ -47,8 +47,7 @@ def chart_signature(driver):
 def test_page_streams_tokens_and_updates_chart(decoder, browser):
     server = RunningServer(decoder)
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        open_page(browser, server)
         empty_chart = chart_signature(browser)
         browser.find_element("id", "max").clear()
         browser.find_element("id", "max").send_keys("40")
@@ -87,11 +86,20 @@ def wait_for(condition, what, timeout=60):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def open_page(browser, server, mode=None):
+    """The page of ``server``, once its websocket is connected, in ``mode`` if given."""
+    browser.get(f"http://127.0.0.1:{server.port}/")
+    wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+    if mode is not None:
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element("id", "mode")).select_by_value(mode)
+
+
 def test_generate_is_enabled_again_after_a_reconnect_mid_generation(decoder, browser):
     server = RunningServer(decoder)
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        open_page(browser, server)
         browser.find_element("id", "max").clear()
         browser.find_element("id", "max").send_keys("200")
         browser.find_element("id", "go").click()
@@ -112,11 +120,7 @@ def test_route_mode_shows_short_stage_decision_long_stage_and_answer(decoder, br
     Calibration(decoder.loaded.name, "log_ppl", 0.1, 0.02, 0.5, 0.02, 0.5, 0.999999, 10, 10).save(always)
     server = RunningServer(decoder, calibration=str(always))
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
-        from selenium.webdriver.support.ui import Select
-
-        Select(browser.find_element("id", "mode")).select_by_value("route")
+        open_page(browser, server, mode="route")
         assert browser.find_element("id", "go").text == "Route"
         browser.find_element("id", "prompt").clear()
         browser.find_element("id", "prompt").send_keys("What is 6 + 7?")
@@ -204,8 +208,7 @@ def test_page_shows_the_services_load_and_live_requests(decoder, browser):
 def test_page_marks_reasoning_steps_and_the_worst_one(decoder, browser):
     server = RunningServer(decoder)
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
+        open_page(browser, server)
         prompt = browser.find_element("id", "prompt")
         prompt.clear()
         prompt.send_keys("List three facts about the moon, one per line, numbered 1., 2., 3.")
@@ -241,11 +244,7 @@ def test_watch_mode_scores_typed_text_as_it_arrives(decoder, browser):
     reference = json.loads(r.stdout)
     server = RunningServer(decoder)
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
-        from selenium.webdriver.support.ui import Select
-
-        Select(browser.find_element("id", "mode")).select_by_value("watch")
+        open_page(browser, server, mode="watch")
         assert browser.find_element("id", "go").text == "Watch" and browser.find_element("id", "watch").is_displayed()
         browser.find_element("id", "prompt").clear()
         browser.find_element("id", "prompt").send_keys(prompt)
@@ -277,11 +276,7 @@ def test_score_mode_shows_a_pasted_texts_surprisal_and_ppl(decoder, browser):
     reference = json.loads(r.stdout)
     server = RunningServer(decoder)
     try:
-        browser.get(f"http://127.0.0.1:{server.port}/")
-        wait_for(lambda: browser.find_element("id", "conn").text == "connected", "websocket connection")
-        from selenium.webdriver.support.ui import Select
-
-        Select(browser.find_element("id", "mode")).select_by_value("score")
+        open_page(browser, server, mode="score")
         assert browser.find_element("id", "go").text == "Score" and browser.find_element("id", "watch").is_displayed()
         browser.find_element("id", "prompt").clear()
         browser.execute_script("document.getElementById('watch').value = arguments[0]", text)  # pasted

@@ -81,17 +81,8 @@ class TorchBackend:
         tokens scored from ``row.request.score.first`` on as each chunk's
         logits come (only one chunk's [chunk, V] logits exist at a time);
         the last returns the next-token logits."""
-        ids, spec = row.request.prompt_ids, row.request.score
-        assert spec is not None
-        n = len(ids)
-
-        def scored(start: int, end: int, logits: torch.Tensor) -> None:
-            lo, hi = max(start + 1, spec.first), min(end, n - 1)
-            if lo <= hi:
-                on_scores(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top,
-                    entropy=spec.entropy, rank=spec.rank))
-
-        yield from self._chunked(ids, chunk, scored)
+        ids = row.request.prompt_ids
+        yield from self._chunked(ids, chunk, lambda start, end, logits: _report_scores(row, start, end, logits, on_scores))
 
     def score_group(self, rows: Sequence[Row], reports: Sequence[Callable[[list[PositionScore]], None]]) -> Iterator[Callable[[], Any]]:
         """Short prompts (``prefill_chunk`` tokens in all) prefilled and scored
@@ -106,14 +97,9 @@ class TorchBackend:
                 logits = cache.forward(prompts, [0] * len(prompts), [range(len(ids)) for ids in prompts])  # [tokens in all, V]
                 at, last = 0, []
                 for row, ids, report in zip(rows, prompts, reports):
-                    n, spec = len(ids), row.request.score
-                    assert spec is not None
-                    lo, hi = max(1, spec.first), n - 1
-                    if lo <= hi:  # position k's distribution is the logits of slot k - 1
-                        report(position_scores(logits[at + lo - 1 : at + hi], list(range(lo, hi + 1)), ids[lo : hi + 1], spec.top,
-                            entropy=spec.entropy, rank=spec.rank))
-                    last.append(at + n - 1)
-                    at += n
+                    _report_scores(row, 0, len(ids), logits[at : at + len(ids)], report)  # the whole prompt as one chunk
+                    last.append(at + len(ids) - 1)
+                    at += len(ids)
             self._pending = cache
             return logits[last]
 
@@ -152,3 +138,15 @@ class TorchBackend:
 
     def close(self) -> None:
         self.reset()
+
+
+def _report_scores(row: Row, start: int, end: int, logits: torch.Tensor, report: Callable[[list[PositionScore]], None]) -> None:
+    """Score ``row``'s given tokens that the logits of its prompt's positions
+    ``start`` .. ``end - 1`` predict (row j of ``logits``: the distribution of
+    the token at ``start + j + 1``), from ``row.request.score.first`` on."""
+    ids, spec = row.request.prompt_ids, row.request.score
+    assert spec is not None
+    lo, hi = max(start + 1, spec.first), min(end, len(ids) - 1)
+    if lo <= hi:
+        report(position_scores(logits[lo - start - 1 : hi - start], list(range(lo, hi + 1)), list(ids[lo : hi + 1]), spec.top,
+                               entropy=spec.entropy, rank=spec.rank))
