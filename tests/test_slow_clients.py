@@ -16,7 +16,13 @@ from websockets.sync.client import connect
 from scripted_engine import ScriptedEngine
 from test_server import RunningServer, events_until_end, send
 
-BIG = [("x" * 4000, -1.0)] * 2000  # 8 MB of text per answer: more than any socket buffer holds
+# 8 MB of text per answer, more than any socket buffer holds, in few tokens:
+# 8 answers are generated well within the send timeout, so what is tested is
+# that a generation ends and frees its slot while nobody reads (with 2,000
+# tokens of 4 kB, the eight took longer than the timeout on a quiet machine,
+# and the stall guard rightly cancelled them first).
+TOKENS, TOKEN_TEXT = 100, "x" * 80_000
+BIG = [(TOKEN_TEXT, -1.0)] * TOKENS
 SEND_TIMEOUT = 2.0
 
 
@@ -61,23 +67,23 @@ def wait_for(condition, timeout: float) -> bool:
 
 
 def test_clients_that_stop_reading_free_their_slots_and_are_dropped_after_the_send_timeout(server):
-    stalled = [stalled_request(server.port, {"model": "scripted", "prompt": "big", "max_tokens": 2000, "stream": i % 2 == 0})
+    stalled = [stalled_request(server.port, {"model": "scripted", "prompt": "big", "max_tokens": TOKENS, "stream": i % 2 == 0})
                for i in range(8)]
     # Every generation ends although nobody reads: the slots are free...
-    assert wait_for(lambda: server.server.engine.produced >= 8 * 2000 and not server.server.jobs, 60), len(server.server.jobs)
+    assert wait_for(lambda: server.server.engine.produced >= 8 * TOKENS and not server.server.jobs, 60), len(server.server.jobs)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=30)
     assert client.completions.create(model="scripted", prompt="hello", max_tokens=1).choices[0].text == "ok"  # ...a new request is admitted
     time.sleep(SEND_TIMEOUT + 2)
     for i, s in enumerate(stalled):
         got = read_all(s)  # what the kernel buffered before the server dropped the connection
         assert b"200 OK" in got[:100]
-        assert b"[DONE]" not in got and len(got) < 2000 * 4000, (i, len(got))
+        assert b"[DONE]" not in got and len(got) < TOKENS * len(TOKEN_TEXT), (i, len(got))
 
 
 def test_a_websocket_client_that_stops_reading_is_dropped(server):
     ws = connect(server.url, max_size=None)
     ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    send(ws, type="generate", id="w", prompt="big", params={"max_new_tokens": 2000})
+    send(ws, type="generate", id="w", prompt="big", params={"max_new_tokens": TOKENS})
     assert wait_for(lambda: len(server.server.sessions) == 1, 10)
     # The generation ends (its slot is free) though the client reads nothing...
     assert wait_for(lambda: not server.server.jobs, 60)
