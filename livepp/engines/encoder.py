@@ -5,10 +5,8 @@ submit them, never by the thread that samples.
 of its own, so a long prompt's tokenization (or a prompt's texts for an echo)
 never holds up a batch's sampling and detokenization, which use the original.
 
-No token of a vocabulary decodes to more than its longest piece, so a text of
-more than ``context_length x longest_piece`` characters cannot fit in the
-context whatever it says: it is refused without spending the tokenizer's time
-(a megabyte of text takes the tokenizer about a second).
+A prompt that cannot fit in the context is refused before it is encoded,
+by :class:`~livepp.engines.prompt_size.SizeGuard`'s bounds.
 """
 
 from __future__ import annotations
@@ -17,33 +15,10 @@ import copy
 import threading
 from typing import Any, Sequence
 
-from livepp.core.params import PromptTooLong
+from livepp.engines.prompt_size import SizeGuard
 from livepp.engines.protocol import Prompt
 
-__all__ = ["PromptEncoder", "LockedTokenizer", "longest_piece", "prompt_chars", "refuse_oversized"]
-
-
-def longest_piece(tokenizer: Any) -> int:
-    """The most characters one token of ``tokenizer`` decodes to (81 for
-    SmolLM2's vocabulary); at least 1."""
-    vocab = tokenizer.get_vocab()
-    return max([1, *(len(tokenizer.convert_tokens_to_string([t])) for t in vocab)])
-
-
-def prompt_chars(prompt: Prompt) -> int:
-    """Characters of a prompt: its text, or its messages' contents."""
-    if isinstance(prompt, str):
-        return len(prompt)
-    return sum(len(m.get("content") or "") for m in prompt if isinstance(m, dict))
-
-
-def refuse_oversized(prompt: Prompt, *, context_length: int, chars_per_token: int) -> None:
-    """Raise :class:`PromptTooLong` for a prompt that cannot fit, untokenized."""
-    limit = context_length * chars_per_token
-    chars = prompt_chars(prompt)
-    if chars > limit:
-        raise PromptTooLong(f"the prompt has {chars} characters; this model's context of {context_length} tokens holds at most "
-                            f"{limit} ({chars_per_token} characters per token at most)")
+__all__ = ["PromptEncoder", "LockedTokenizer"]
 
 
 class PromptEncoder:
@@ -53,18 +28,20 @@ class PromptEncoder:
         self._tokenizer = copy.deepcopy(tokenizer)
         self._lock = threading.Lock()
         self.context_length, self.name = context_length, name
-        self.chars_per_token = longest_piece(self._tokenizer)
+        self.size = SizeGuard(self._tokenizer, context_length)
 
     def check_size(self, prompt: Prompt) -> None:
-        refuse_oversized(prompt, context_length=self.context_length, chars_per_token=self.chars_per_token)
+        self.size.check(prompt)
 
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:
         """Token ids as a row gets them (the chat template unless ``raw``);
-        a text that cannot fit is refused untokenized."""
+        a text that cannot fit is refused untokenized, or as soon as its
+        slices are counted past the context."""
         from livepp.engines.torch.decoder import encode_prompt
 
         self.check_size(prompt)
         with self._lock:
+            self.size.count_slices(self._tokenizer, prompt)
             return encode_prompt(self._tokenizer, prompt, raw=raw, name=self.name)
 
     def pieces(self, ids: Sequence[int]) -> list[str]:
@@ -85,13 +62,14 @@ class PromptEncoder:
             return [self._tokenizer.decode([i]) for i in ids]
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        """``tokenizer(text)``: the tokenizer's own special tokens, or none."""
-        self.check_size(text)
+        """``tokenizer(text)``: the tokenizer's own special tokens, or none (a
+        text may be longer than the context: a document scored in windows)."""
+        self.size.check_chars(text)
         with self._lock:
             return [int(i) for i in self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
 
     def chat_ids(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        self.check_size(messages)
+        self.size.check_chars(messages)
         with self._lock:
             ids = self._tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
             return [int(i) for i in (ids if isinstance(ids, list) else ids["input_ids"])]
