@@ -183,3 +183,38 @@ def test_requests_one_after_another_wait_for_nobody_and_a_burst_still_shares_a_p
         log.close()
         scheduler.close()
     assert log.shapes[0][0] == 2, log.shapes  # the burst before turned gathering on again: this one shares one prefill
+
+
+def test_a_scored_prompt_alone_takes_longer_passes_and_is_scored_a_chunk_at_a_time(decoder, loaded):
+    from livepp.engines.protocol import ScoreSpec
+    from livepp.engines.scheduler import IDLE_SCORE_PASS
+    from livepp.scoring.teacher_forced import score_ids
+
+    ids = loaded.tokenizer(" ".join(f"Item {i} is a red box." for i in range(80)))["input_ids"][:600]
+    scheduler = Scheduler(TorchEngine(decoder), max_batch=4, prefill_chunk=64, gather_s=0)
+    log = ForwardLog(decoder.model)
+    got: list = []
+    try:
+        # alone on the engine: passes of IDLE_SCORE_PASS chunks, the output layer a chunk's positions at a time
+        stream = scheduler.open(ids, GenerationParams(max_new_tokens=1), score=ScoreSpec(generate=False),
+                                on_scores=lambda row, scores: got.append(scores))
+        list(stream)
+        alone = list(log.shapes)
+        # with a generating row beside it: chunk by chunk, the row stepping in between
+        log.shapes.clear()
+        a = scheduler.open("Write a long essay about the sea.", GenerationParams(max_new_tokens=30, ignore_eos=True))
+        next(a)
+        stream = scheduler.open(ids, GenerationParams(max_new_tokens=1), score=ScoreSpec(generate=False), on_scores=lambda row, scores: None)
+        list(stream)
+        list(a)
+        beside = [s for s in log.shapes if s[1] > 1]
+    finally:
+        log.close()
+        scheduler.close()
+    big = IDLE_SCORE_PASS * 64
+    assert alone == [(1, big)] * (600 // big) + [(1, 600 % big)]
+    assert max(len(s) for s in got) <= 64 and [p.position for s in got for p in s] == list(range(1, 600))
+    ref = score_ids(loaded, ids, max_length=2048, stride=2048)  # one window: the same positions in one pass
+    assert max(abs(p.logprob - r.logprob) for p, r in zip([p for s in got for p in s], ref.tokens)) <= 1e-4
+    n_a = len(decoder.encode("Write a long essay about the sea."))
+    assert beside == [(1, n_a)] + [(1, 64)] * (600 // 64) + [(1, 600 % 64)]  # the row's prompt, then the scored one's chunks

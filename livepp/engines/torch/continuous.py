@@ -19,7 +19,7 @@ import torch
 from livepp.core.events import PositionScore
 from livepp.engines.feeding import Feed
 from livepp.engines.torch.batch import BatchDecoder, Row
-from livepp.engines.torch.rowcache import RowCache
+from livepp.engines.torch.rowcache import RowCache, final_logits
 from livepp.engines.torch.sampling import position_scores
 from livepp.engines.torch.engine import TorchEngine
 
@@ -50,39 +50,49 @@ class TorchBackend:
 
         yield whole
 
-    def _chunked(self, ids: Sequence[int], chunk: int, scored: Callable[[int, int, torch.Tensor], None] | None) -> Iterator[Callable[[], Any]]:
+    def _chunked(self, ids: Sequence[int], chunk: int, scored: Callable[[int, int, torch.Tensor], None] | None,
+                 passes: Callable[[], int] | None = None) -> Iterator[Callable[[], Any]]:
         """A prompt ``chunk`` tokens per forward pass into a cache of its own;
-        ``scored(start, end, logits)`` gets each chunk's logits (row j: the
-        distribution of the token at start + j + 1) when scoring."""
+        ``scored(start, end, logits)`` gets the logits of at most ``chunk``
+        positions at a time (row j: the distribution of the token at
+        start + j + 1) when scoring. ``passes()``, asked before each pass,
+        may allow a scored prompt a longer pass (the output layer still takes
+        ``chunk`` positions at a time)."""
         cache = self.batcher.new_cache()
-        n = len(ids)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
+        n, start = len(ids), 0
+        while start < n:
+            end = min(start + max(chunk, passes() if passes is not None and scored is not None else chunk), n)
 
             def step(start: int = start, end: int = end) -> Any:
-                wanted = range(end - start) if scored is not None else ([end - start - 1] if end == n else [])
                 with torch.inference_mode():
-                    logits = cache.forward([ids[start:end]], [start], [wanted])
-                    if scored is not None:
-                        scored(start, end, logits)
+                    if scored is None:
+                        logits = cache.forward([ids[start:end]], [start], [[end - start - 1] if end == n else []])
+                    else:
+                        hidden = cache.forward([ids[start:end]], [start], [range(end - start)], logits=False)
+                        for at in range(start, end, chunk):
+                            logits = final_logits(self.decoder.model, hidden[at - start : min(at + chunk, end) - start])
+                            scored(at, min(at + chunk, end), logits)
                 if end < n:
                     return None
                 self._pending = cache
                 return logits[-1:]
 
             yield step
+            start = end
 
     @property
     def vocab_size(self) -> int:
         return int(self.decoder.model.get_input_embeddings().num_embeddings)
 
-    def score_prefill(self, row: Row, chunk: int, on_scores: Callable[[list[PositionScore]], None]) -> Iterator[Callable[[], Any]]:
-        """A prompt prefilled ``chunk`` tokens per forward pass, its given
-        tokens scored from ``row.request.score.first`` on as each chunk's
-        logits come (only one chunk's [chunk, V] logits exist at a time);
-        the last returns the next-token logits."""
+    def score_prefill(self, row: Row, chunk: int, on_scores: Callable[[list[PositionScore]], None],
+                      passes: Callable[[], int] | None = None) -> Iterator[Callable[[], Any]]:
+        """A prompt prefilled ``chunk`` tokens per forward pass (or
+        ``passes()`` tokens, when the scheduler allows longer ones), its
+        given tokens scored from ``row.request.score.first`` on as each
+        chunk's logits come (only one chunk's [chunk, V] logits exist at a
+        time); the last returns the next-token logits."""
         ids = row.request.prompt_ids
-        yield from self._chunked(ids, chunk, lambda start, end, logits: _report_scores(row, start, end, logits, on_scores))
+        yield from self._chunked(ids, chunk, lambda start, end, logits: _report_scores(row, start, end, logits, on_scores), passes)
 
     def score_group(self, rows: Sequence[Row], reports: Sequence[Callable[[list[PositionScore]], None]]) -> Iterator[Callable[[], Any]]:
         """Short prompts (``prefill_chunk`` tokens in all) prefilled and scored

@@ -127,11 +127,13 @@ class RowCache:
         return int(self.valid.shape[1])
 
     # ---- one forward pass ------------------------------------------------------
-    def forward(self, feeds: Sequence[Sequence[int]], starts: Sequence[int], wanted: Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(self, feeds: Sequence[Sequence[int]], starts: Sequence[int], wanted: Sequence[Sequence[int]], *,
+                logits: bool = True) -> torch.Tensor:
         """Feed row b the tokens ``feeds[b]`` at positions ``starts[b]``,
         ``starts[b] + 1``, ...; the logits at each row's ``wanted`` slots (indices
-        into its feed), rows in order: ``[sum of len(wanted[b]), V]``. A row may
-        feed nothing this pass. A fresh cache is made by the first pass."""
+        into its feed), rows in order: ``[sum of len(wanted[b]), V]`` (their
+        final hidden states instead, ``[..., H]``, without ``logits``). A row
+        may feed nothing this pass. A fresh cache is made by the first pass."""
         from transformers import DynamicCache
 
         n_rows = len(feeds)
@@ -162,7 +164,7 @@ class RowCache:
         if not pairs:
             return torch.empty((0, 0), device=device)
         hidden = out.last_hidden_state[torch.tensor([b for b, _ in pairs], device=device), torch.tensor([s for _, s in pairs], device=device)]
-        return final_logits(self.model, hidden)
+        return final_logits(self.model, hidden) if logits else hidden
 
     def _masks(self, valid: torch.Tensor, positions: torch.Tensor, new_valid: torch.Tensor, new_positions: torch.Tensor) -> Any:
         # allowed[b, i, j]: slot i of row b sees column j: one of the row's
