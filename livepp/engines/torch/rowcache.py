@@ -42,6 +42,10 @@ from livepp.core.params import LiveppError
 
 __all__ = ["RowCache", "LayerKinds", "layer_kinds", "final_logits"]
 
+FEW_ROWS = 64
+"""Up to this many rows, the output layer is ``W @ hidden.T`` (faster than
+``linear`` here from 2 to 64 rows, slower at 256)."""
+
 
 @dataclass(frozen=True)
 class LayerKinds:
@@ -80,19 +84,28 @@ def final_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     and what a causal LM's head does after it (Gemma's soft-capping, Cohere's
     ``logit_scale``, Granite's ``logits_scaling``).
 
-    More than one row is padded to a multiple of 4 rows for the output layer
-    (its [V, H] matrix is the largest of a small model): the CPU's GEMM
-    kernels for 2, 3, 6 or 7 rows ran 1.4-2x slower than for 4 or 8 (measured
-    on SmolLM2's 49k and Gemma 3's 262k vocabularies), and zero rows cost
-    next to nothing. One row is never padded (a stream alone keeps the
-    single-stream decoder's numbers)."""
+    The output layer's [V, H] matrix is the largest of a small model, and on
+    the CPU ``linear`` multiplies it by a few rows with slow kernels: for 2 to
+    :data:`FEW_ROWS` rows the logits are taken as ``W @ hidden.T`` instead,
+    the same products summed in another order (4 rows of Gemma 3's 262k
+    vocabulary: 79 ms by ``linear``, 17 ms so; SmolLM2's 49k: 12.6 and
+    2.8 ms). More rows go through ``linear``, padded to a multiple of 4 (its
+    kernels for 2, 3, 6 or 7 rows ran 1.4-2x slower than for 4 or 8). One
+    row is left to ``linear`` as the model computes it (a stream alone keeps
+    the single-stream decoder's numbers)."""
     n = hidden.shape[0]
-    pad = -n % 4 if n > 1 else 0
-    if pad:
-        hidden = torch.cat([hidden, hidden.new_zeros((pad, hidden.shape[1]))])
-    logits = model.get_output_embeddings()(hidden)
-    if pad:
-        logits = logits[:n]
+    head = model.get_output_embeddings()
+    if 1 < n <= FEW_ROWS and isinstance(head, torch.nn.Linear):
+        logits = torch.mm(head.weight, hidden.t()).t().contiguous()
+        if head.bias is not None:
+            logits += head.bias
+    else:
+        pad = -n % 4 if n > 1 else 0
+        if pad:
+            hidden = torch.cat([hidden, hidden.new_zeros((pad, hidden.shape[1]))])
+        logits = head(hidden)
+        if pad:
+            logits = logits[:n]
     config = model.config.get_text_config(decoder=True)
     scale = getattr(model, "logit_scale", None)
     if isinstance(scale, (int, float)):
