@@ -44,3 +44,36 @@ def test_the_argmax_from_block_maxima_is_torchs_first_index_of_the_maximum(rows,
     values, ids, first = top_k_and_argmax(x, min(k, n))
     assert torch.equal(first, x.argmax(dim=-1))
     assert torch.equal(ids, top_k(x, min(k, n))[1])
+
+
+def test_statistics_in_two_threads_at_once_each_keep_their_own_scratch():
+    """A step's [rows, vocab] scratch is kept by its thread from step to step
+    (fresh blocks cost page faults every step): two threads taking statistics
+    at once, of different shapes, each get exactly their numbers alone."""
+    import threading
+
+    import torch
+
+    from livepp.core.params import GenerationParams
+    from livepp.engines.torch import sampling
+
+    params = GenerationParams(max_new_tokens=4, top_logprobs=3, confidence_k=5, entropy=True)
+    blocks = [torch.randn(rows, 5000, generator=torch.Generator().manual_seed(rows)) * 4 for rows in (3, 8)]
+    want = [sampling.batch_token_stats(b, [params] * len(b), [None] * len(b))[0] for b in blocks]
+    bad: list = []
+
+    def run(k: int) -> None:
+        for _ in range(200):
+            got = sampling.batch_token_stats(blocks[k], [params] * len(blocks[k]), [None] * len(blocks[k]))[0]
+            if not ((got == want[k]) | (got.isnan() & want[k].isnan())).all():  # bit for bit; NaN where no value is
+                bad.append(k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
+    scratch = sampling._WORKSPACE.blocks  # this thread's, reused while the shape allows
+    sampling.batch_token_stats(blocks[0], [params] * 3, [None] * 3)
+    assert sampling._WORKSPACE.blocks is scratch
