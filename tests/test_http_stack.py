@@ -149,23 +149,36 @@ def test_bad_json_and_non_objects_are_400(server):
         assert "error" in json.loads(reply.partition(b"\r\n\r\n")[2])
 
 
-def test_bodies_orjson_refuses_are_read_as_the_standard_library_reads_them(server, monkeypatch):
+def test_bodies_orjson_refuses_or_reads_otherwise_are_read_as_the_standard_library_reads_them(server, monkeypatch):
     from livepp.serve import http_app
 
-    parsed = []
-    real = http_app.orjson.loads
-    monkeypatch.setattr(http_app.orjson, "loads", lambda data: parsed.append(len(data)) or real(data))
+    fast, slow = [], []
+    real_fast, real_slow = http_app.orjson.loads, http_app.json.loads
+    monkeypatch.setattr(http_app.orjson, "loads", lambda data: fast.append(len(data)) or real_fast(data))
+    monkeypatch.setattr(http_app.json, "loads", lambda data, **kw: slow.append(len(data)) or real_slow(data, **kw))
     body = {"model": "scripted", "prompt": "hi", "max_tokens": 3}
     assert request(server.port, "POST", "/v1/completions", body)[0] == 200
-    assert parsed == [len(json.dumps(body))]  # the fast path read it
-    # UTF-16 (the standard library detects it; orjson takes UTF-8 only) is read, and answered
-    data = json.dumps(body).encode("utf-16")
-    reply = raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
-                             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
-    assert status_of(reply) == 200 and json.loads(reply.partition(b"\r\n\r\n")[2])["choices"][0]["text"] == "Hello there."
-    # an integer past 64 bits is JSON: the error names the field, not the syntax
-    status, _, out = request(server.port, "POST", "/v1/completions", {**body, "max_tokens": 2 ** 70})
-    assert status == 400 and json.loads(out)["error"]["param"] == "max_tokens"
+    assert fast == [len(json.dumps(body))] and len(json.dumps(body)) not in slow  # the fast path read it alone
+
+    def answers(data: bytes) -> tuple[int, dict]:
+        reply = raw(server.port, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer s3cret\r\n"
+                                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        out = json.loads(reply.partition(b"\r\n\r\n")[2])
+        out.pop("id", None), out.pop("created", None)
+        return status_of(reply), out
+
+    # UTF-16 (orjson takes UTF-8 only), integers past 64 bits (orjson makes them floats), in a field and in a token-id prompt
+    bodies = [json.dumps(body).encode("utf-16"), json.dumps({**body, "max_tokens": 2 ** 70}).encode(),
+              json.dumps({**body, "seed": 2 ** 64}).encode(), json.dumps({**body, "prompt": [5, 2 ** 70]}).encode()]
+    got = []
+    for data in bodies:
+        slow.clear()
+        got.append(answers(data))
+        assert slow[:1] == [len(data)]  # the standard library read it (json.loads is also the test's own, after it)
+    assert got[0][0] == 200 and got[0][1]["choices"][0]["text"] == "Hello there."
+    # every answer is the one the standard library alone gives
+    monkeypatch.setattr(http_app.orjson, "loads", lambda data: (_ for _ in ()).throw(http_app.orjson.JSONDecodeError("off", "", 0)))
+    assert got == [answers(data) for data in bodies]
 
 
 @pytest.mark.parametrize("head", [

@@ -36,12 +36,27 @@ def test_words_are_counted_as_str_split_counts_them(text):
 
 def test_smollm2s_vocabulary_gives_each_word_a_token(loaded):
     guard = SizeGuard(loaded.tokenizer, 8192)
-    assert (guard.chars_per_token, guard.words_per_token) == (81, 1)
+    assert (guard.chars_per_token, guard.words_per_token) == (82, 1)
+
+
+def test_characters_the_tokenizer_drops_neither_separate_nor_make_words(loaded):
+    """SmolLM2's tokenizer drops six control characters (\\x04, \\x06, \\x13,
+    \\x14, \\x16, and \\x1d, which str.split takes for whitespace): a run
+    of them is no word, and words joined by one are one run."""
+    guard = SizeGuard(loaded.tokenizer, 512)
+    assert count_words("\x04 \x04 a\x1db c", guard._sep, guard._keep) == 2
+    assert count_words("\x04 \x04 a\x1db c") == len("\x04 \x04 a\x1db c".split()) == 5
+    for text in ("\x04 " * 2000, "\x1d".join(["ab"] * 2000), "\x04\x06".join(["a"] * 3000), "日本 " * 2000):
+        tokens = len(loaded.tokenizer(text)["input_ids"])
+        try:
+            guard.check(text)
+        except PromptTooLong:
+            assert tokens >= 512, (text[:8], tokens)
 
 
 def test_a_long_text_is_refused_by_its_words_untokenized(loaded):
     encoder = PromptEncoder(loaded.tokenizer, context_length=8192, name="m")
-    text = "word " * 60_000  # 300 kB: under the 81-characters-a-token bound, 60,000 words
+    text = "word " * 60_000  # 300 kB: under the 82-characters-a-token bound, 60,000 words
     with pytest.raises(PromptTooLong, match="60000 words"):
         encoder.check_size(text)
     encoder._tokenizer = None  # encode must refuse it without a tokenizer
@@ -102,3 +117,12 @@ def test_a_refused_text_never_fits(loaded):
         else:
             fitting_long += tokens < context and len(text) > COUNT_FROM * context
     assert by_words > 60 and by_slices > 5 and fitting_long > 10, (by_words, by_slices, fitting_long)  # every path was tried
+
+
+def test_the_word_bound_refuses_at_the_context_and_not_one_word_before(loaded):
+    guard = SizeGuard(loaded.tokenizer, 512)
+    fits = "a" + " a" * 510  # 511 words, 511 tokens: one left to generate
+    assert len(loaded.tokenizer(fits)["input_ids"]) == 511
+    guard.check(fits)
+    with pytest.raises(PromptTooLong, match="512 words"):
+        guard.check(fits + " a")

@@ -187,7 +187,7 @@ def test_requests_one_after_another_wait_for_nobody_and_a_burst_still_shares_a_p
 
 def test_a_scored_prompt_alone_takes_longer_passes_and_is_scored_a_chunk_at_a_time(decoder, loaded):
     from livepp.engines.protocol import ScoreSpec
-    from livepp.engines.scheduler import IDLE_SCORE_PASS
+    from livepp.engines.torch.continuous import IDLE_SCORE_PASS
     from livepp.scoring.teacher_forced import score_ids
 
     ids = loaded.tokenizer(" ".join(f"Item {i} is a red box." for i in range(80)))["input_ids"][:600]

@@ -102,16 +102,32 @@ def test_a_websocket_client_that_stops_reading_is_dropped(server):
 
 @contextlib.contextmanager
 def served(*args: str):
-    """``livepp serve`` as it is deployed, in a process of its own: its port."""
+    """``livepp serve`` as it is deployed, in a process of its own: its port.
+    Its stderr is read all along (a full pipe would block it), up to 120 s
+    for the line that says where it serves; it is killed if it does not stop."""
     proc = subprocess.Popen([sys.executable, "-m", "livepp", "serve", "--port", "0", *args], stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if " on http://127.0.0.1:" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
     try:
-        line = proc.stderr.readline()
-        assert " on http://127.0.0.1:" in line, line + proc.stderr.read()[-2000:]
+        assert ready.wait(120), "".join(lines)[-2000:]
+        line = next(x for x in lines if " on http://127.0.0.1:" in x)
         yield int(line.split(" on http://127.0.0.1:")[1].split("/")[0])
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.mark.model
@@ -136,7 +152,7 @@ def test_a_stream_keeps_its_pace_while_others_post_huge_prompts():
         for chunk in stream:
             arrivals.append(time.perf_counter())
             if len(arrivals) == 10:
-                # 1 MB prompts (refused untokenized) and 300 kB ones (counted past the context, then refused), all at once
+                # 1 MB prompts (refused by their characters) and 300 kB ones (by their 60,000 words), untokenized, all at once
                 posters = [threading.Thread(target=post, args=(("word " * 200_000)[: 1_000_000 if i < 4 else 300_000],)) for i in range(6)]
                 for t in posters:
                     t.start()

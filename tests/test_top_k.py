@@ -77,3 +77,21 @@ def test_statistics_in_two_threads_at_once_each_keep_their_own_scratch():
     scratch = sampling._WORKSPACE.blocks  # this thread's, reused while the shape allows
     sampling.batch_token_stats(blocks[0], [params] * 3, [None] * 3)
     assert sampling._WORKSPACE.blocks is scratch
+
+
+def test_the_scratch_serves_inference_mode_and_no_grad_alike():
+    """A thread's first statistics in inference mode (the batch's steps), its
+    next ones under no_grad (a compiled decoder's), on the same vocabulary."""
+    import torch
+
+    from livepp.core.params import GenerationParams
+    from livepp.engines.torch import sampling
+
+    params = [GenerationParams(max_new_tokens=1, entropy=True)] * 2
+    logits = torch.randn(2, 700, generator=torch.Generator().manual_seed(7))
+    sampling._WORKSPACE.__dict__.clear()
+    with torch.inference_mode():
+        first = sampling.batch_token_stats(logits, params, [None, None])[0]
+    with torch.no_grad():
+        again = sampling.batch_token_stats(logits, params, [None, None])[0]
+    assert torch.equal(first.nan_to_num(), again.nan_to_num())

@@ -344,10 +344,10 @@ class LlamaBackend:
         return int(self.llama.n_vocab)
 
     def score_prefill(self, row: Row, chunk: int, on_scores: Callable[[list[PositionScore]], None],
-                      passes: Callable[[], int] | None = None) -> Iterator[Any]:
+                      busy: Callable[[], bool] | None = None) -> Iterator[Any]:
         """A prompt prefilled into a free sequence as ``livepp score`` does it
         (``n_batch`` tokens per decode, or one with ``exact``, whatever the
-        service's chunk or ``passes``), its given tokens scored from
+        service's chunk and whether rows run), its given tokens scored from
         ``row.request.score.first`` on, a decode's logits at a time; the last
         callable returns the next-token logits."""
         ids, spec = row.request.prompt_ids, row.request.score

@@ -5,15 +5,18 @@ a third of a second, taken from the cores the batch steps on).
 Three bounds, cheapest first:
 
 1. **Characters.** No token decodes to more than the vocabulary's longest
-   piece, so a text of more than ``context x longest piece`` characters
-   cannot fit, whatever it says.
+   piece (plus one: a leading space a decoder drops from a token alone), so
+   a text of more than ``context x that`` characters cannot fit, whatever it
+   says.
 2. **Words** (of a text; chat messages, which a template may leave out, have
    only the first bound). If no token of the vocabulary spans more than ``R``
-   runs of non-whitespace characters (1 for SmolLM2, 2 for Gemma 3), a text of
+   runs of non-whitespace characters (1 for SmolLM2), a text of
    ``context x R`` such runs cannot fit. ``R`` is read from the vocabulary,
-   and a probe of every whitespace character between letters checks that the
-   tokenizer drops none, once per tokenizer. The runs are counted with numpy
-   (300 kB in about two milliseconds).
+   and which characters the tokenizer drops (they neither separate runs nor
+   make one), once per tokenizer; the bound is used only for a tokenizer
+   that changes nothing before it tokenizes (no normalizer): not Gemma 3's,
+   whose normalizer rewrites spaces. The runs are counted with numpy (300 kB
+   in about two milliseconds).
 3. **Slices** (of a text too). A text of more than :data:`COUNT_FROM` characters a token of
    context is tokenized in slices cut at whitespace, and refused as soon as
    the slices hold the context's tokens (less :data:`CUT_MARGIN` a cut): a
@@ -42,9 +45,28 @@ CUT_MARGIN = 16
 """Tokens a cut between two slices may add to their count (a cut is made at
 whitespace, where it adds none for the tokenizers livepp knows)."""
 
-_WHITESPACE = [c for c in range(0x3001) if chr(c).isspace()]  # str.isspace's characters all lie below U+3001
-_IS_SPACE = np.zeros(0x3002, dtype=bool)  # the last entry stands for every code point above U+3000
-_IS_SPACE[_WHITESPACE] = True
+_TABLE = 0x3001
+"""Code points below this are looked up one by one (every character
+``str.isspace`` takes lies below it); the entry at ``_TABLE`` stands for all
+those above."""
+_WHITESPACE = [c for c in range(_TABLE) if chr(c).isspace()]
+_SPLIT_SEP = np.zeros(_TABLE + 1, dtype=bool)
+_SPLIT_SEP[_WHITESPACE] = True
+_SPLIT_KEEP = ~_SPLIT_SEP
+
+
+_ALIVE: dict[tuple[Any, ...], np.ndarray] = {}
+
+
+def _alive(tokenizer: Any) -> np.ndarray:
+    """Which code points below the table the tokenizer keeps (gives a token
+    to, alone); the entry for those above is False. Once per vocabulary:
+    12,289 characters take it a third of a second."""
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", None), len(tokenizer))
+    if key not in _ALIVE:
+        ids = tokenizer([chr(c) for c in range(_TABLE)], add_special_tokens=False)["input_ids"]
+        _ALIVE[key] = np.array([bool(i) for i in ids] + [False])
+    return _ALIVE[key]
 
 
 def prompt_chars(prompt: Prompt) -> int:
@@ -54,14 +76,16 @@ def prompt_chars(prompt: Prompt) -> int:
     return sum(len(m.get("content") or "") for m in prompt if isinstance(m, dict) and isinstance(m.get("content"), str))
 
 
-def count_words(text: str) -> int:
-    """Runs of non-whitespace characters in ``text`` (``len(text.split())``
-    without making the strings)."""
+def count_words(text: str, sep: np.ndarray = _SPLIT_SEP, keep: np.ndarray = _SPLIT_KEEP) -> int:
+    """Runs of characters between separators (``sep``) that hold a kept
+    character (``keep``); with the default tables, ``len(text.split())``
+    without making the strings."""
     if not text:
         return 0
-    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
-    space = _IS_SPACE[np.minimum(codes, 0x3001)]
-    return int(np.count_nonzero(space[:-1] & ~space[1:])) + (0 if space[0] else 1)
+    codes = np.minimum(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4"), _TABLE)
+    is_sep = sep[codes]
+    starts = np.flatnonzero(~is_sep & np.concatenate(([True], is_sep[:-1])))
+    return int(np.count_nonzero(np.logical_or.reduceat(keep[codes], starts))) if len(starts) else 0
 
 
 class SizeGuard:
@@ -70,12 +94,21 @@ class SizeGuard:
     def __init__(self, tokenizer: Any, context_length: int) -> None:
         pieces = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.get_vocab()]
         self.context_length = context_length
-        self.chars_per_token = max([1, *(len(p) for p in pieces)])
-        """The most characters one token decodes to (81 for SmolLM2's vocabulary)."""
-        self.words_per_token = max([1, *(len(p.split()) for p in pieces)]) if _probe(tokenizer) else None
+        self.chars_per_token = max([1, *(len(p) for p in pieces)]) + 1
+        """The most characters one token decodes to, plus one (a decoder may
+        drop the leading space of a token alone): 82 for SmolLM2's vocabulary."""
+        self.words_per_token: int | None = None
         """The most runs of non-whitespace characters one token spans (1 for
-        SmolLM2, 2 for Gemma 3, whose vocabulary has ``"> </"``); None if
-        the tokenizer may drop whitespace."""
+        SmolLM2); None for a tokenizer that changes its text before it
+        tokenizes (a normalizer), whose runs may not be the model's."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.normalizer is None:
+            # What the tokenizer drops (SmolLM2's drops 6 control characters)
+            # neither separates runs nor makes one; what it keeps above the
+            # table is not counted (fewer runs: still a bound).
+            alive = _alive(tokenizer)
+            self._sep, self._keep = _SPLIT_SEP & alive, _SPLIT_KEEP & alive
+            self.words_per_token = max([1, *(len(p.split()) for p in pieces)])
 
     def check_chars(self, prompt: Prompt) -> None:
         """Raise :class:`PromptTooLong` for a prompt of more characters than
@@ -93,7 +126,7 @@ class SizeGuard:
         self.check_chars(prompt)
         per = self.words_per_token
         if isinstance(prompt, str) and per is not None and len(prompt) >= self.context_length:
-            words = count_words(prompt)
+            words = count_words(prompt, self._sep, self._keep)
             if words >= self.context_length * per:
                 raise PromptTooLong(f"the prompt has {words} words, and no token spans more than {per}; this model's context is "
                                     f"{self.context_length} tokens (at least one must be left to generate)")
@@ -119,11 +152,3 @@ class SizeGuard:
                 raise PromptTooLong(f"the prompt has more than {context - 1} tokens (counted in its first {end} characters of "
                                     f"{len(text)}); this model's context is {context} tokens (at least one must be left to generate)")
             pos = end
-
-
-def _probe(tokenizer: Any) -> bool:
-    """Whether a letter between each two whitespace characters of every kind
-    keeps a token of its own (a normalizer that dropped a kind of
-    whitespace would join two words)."""
-    text = "a" + "".join(f"{chr(c)}a" for c in _WHITESPACE)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= count_words(text)

@@ -9,8 +9,7 @@ A new row waits in a bounded queue until the batch has room, is prefilled
 (prompts up to ``prefill_chunk`` tokens together in one padded pass; scored
 prompts likewise, up to ``prefill_chunk`` tokens in all, on the torch engine;
 a longer prompt alone, one chunk per turn, so running rows wait at most one
-chunk; a scored prompt alone on the engine in passes of
-:data:`IDLE_SCORE_PASS` chunks, scored a chunk's positions at a time),
+chunk; a scored prompt takes longer passes while no row runs),
 delivers its first token, and joins the shared batch at the next step: its KV
 cache joins the batch's. A row
 that ends (EOS, stop string, length) or whose consumer closes it (a policy
@@ -44,9 +43,6 @@ from livepp.engines.scheduled import FedStream, ScheduledBatch, ScheduledStream
 from livepp.engines.torch.batch import BatchRequest, Row, batch_requests, generating_feed, injection_ids, new_row, sample_rows, split_step
 
 __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "FedStream", "backend_for", "supports_continuous_batching"]
-
-IDLE_SCORE_PASS = 4
-"""Chunks per forward pass of a scored prompt while no row runs."""
 
 
 def backend_for(engine: Any) -> Any:
@@ -370,7 +366,7 @@ class Scheduler:
         if first.row.request.score is not None:  # a scored prompt: alone, chunk by chunk
             group = [self._queue.popleft()]
             self._prefill_steps = iter(self.backend.score_prefill(first.row, self.prefill_chunk, lambda scores: self._scored(first, scores),
-                                                                  self._score_pass))
+                                                                  busy=lambda: bool(self._active)))
             self._prefill = group
             return
         if len(first.row.request.prompt_ids) > self.prefill_chunk:
@@ -382,15 +378,6 @@ class Scheduler:
                 group.append(self._queue.popleft())
         self._prefill_steps = iter(self.backend.prefill([s.row for s in group], self.prefill_chunk))
         self._prefill = group
-
-    def _score_pass(self) -> int:
-        """Tokens of a scored prompt's next forward pass: a chunk while rows
-        run, so that they step between its chunks; :data:`IDLE_SCORE_PASS`
-        chunks when none does (a pass of 514 tokens took 910 ms here, three
-        of 171 took 1,130 ms). Queued requests wait for the whole prefill
-        either way, so fewer passes end their wait sooner; a request that
-        joins the batch meanwhile waits for one longer pass at most."""
-        return self.prefill_chunk if self._active else IDLE_SCORE_PASS * self.prefill_chunk
 
     def _prefill_chunk(self) -> None:
         assert self._prefill_steps is not None

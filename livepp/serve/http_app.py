@@ -78,20 +78,34 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
     return OpenAIError(400, f"{param}: {first.get('msg', 'invalid')}", param=param)
 
 
+def _wide_float(value: Any) -> bool:
+    """Whether ``value`` holds a float of magnitude 2**63 or more anywhere:
+    what orjson makes of an integer too wide for 64 bits."""
+    if isinstance(value, float):
+        return not abs(value) < 2.0**63
+    if isinstance(value, dict):
+        return any(_wide_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_wide_float(v) for v in value if not isinstance(v, (int, str)))
+    return False
+
+
 class _OrjsonRequest(Request):
     """A request whose JSON body orjson parses (a megabyte of prompt in
     0.3 ms here, against 1.6 ms for the standard library, all of it holding
     the GIL the batch's steps need). What orjson refuses (a lone surrogate's
-    escape, NaN, integers past 64 bits, UTF-16) goes to ``json.loads``, so
-    what is accepted, and every error, stay the standard library's."""
+    escape, NaN, UTF-16) or reads otherwise (an integer past 64 bits, which
+    it makes a float) goes to ``json.loads``, so what is accepted, and every
+    error, stay the standard library's."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
-                self._json = orjson.loads(body)
+                parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
-                self._json = json.loads(body)
+                parsed = None
+            self._json = json.loads(body) if parsed is None or _wide_float(parsed) else parsed
         return self._json
 
 

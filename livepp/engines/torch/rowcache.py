@@ -86,7 +86,8 @@ def final_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
 
     The output layer's [V, H] matrix is the largest of a small model, and on
     the CPU ``linear`` multiplies it by a few rows with slow kernels: for 2 to
-    :data:`FEW_ROWS` rows the logits are taken as ``W @ hidden.T`` instead,
+    :data:`FEW_ROWS` rows on the CPU (a plain ``nn.Linear``, not a quantized
+    or wrapped one) the logits are taken as ``W @ hidden.T`` instead,
     the same products summed in another order (4 rows of Gemma 3's 262k
     vocabulary: 79 ms by ``linear``, 17 ms so; SmolLM2's 49k: 12.6 and
     2.8 ms). More rows go through ``linear``, padded to a multiple of 4 (its
@@ -95,7 +96,7 @@ def final_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     the single-stream decoder's numbers)."""
     n = hidden.shape[0]
     head = model.get_output_embeddings()
-    if 1 < n <= FEW_ROWS and isinstance(head, torch.nn.Linear):
+    if 1 < n <= FEW_ROWS and type(head) is torch.nn.Linear and hidden.device.type == "cpu":
         logits = torch.mm(head.weight, hidden.t()).t().contiguous()
         if head.bias is not None:
             logits += head.bias

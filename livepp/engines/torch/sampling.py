@@ -142,7 +142,8 @@ def _scratch(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     rows, vocab = like.shape
     held = getattr(_WORKSPACE, "blocks", None)
     if held is None or held.shape[2] != vocab or held.shape[1] < rows or held.dtype != like.dtype or held.device != like.device:
-        held = torch.empty((3, rows, vocab), dtype=like.dtype, device=like.device)
+        with torch.inference_mode(False):  # a normal tensor: written to in inference mode and out of it (a compiled decoder's no_grad)
+            held = torch.empty((3, rows, vocab), dtype=like.dtype, device=like.device)
         _WORKSPACE.blocks = held
     return held[0, :rows], held[1, :rows], held[2, :rows]
 
