@@ -58,13 +58,13 @@ class TorchBackend:
         """A prompt ``chunk`` tokens per forward pass into a cache of its own;
         ``scored(start, end, logits)`` gets the logits of at most ``chunk``
         positions at a time (row j: the distribution of the token at
-        start + j + 1) when scoring. ``passes()``, asked before each pass,
-        may allow a scored prompt a longer pass (the output layer still takes
-        ``chunk`` positions at a time)."""
+        start + j + 1) when scoring. ``passes()``, asked before each pass
+        of a scored prompt, gives its tokens (a chunk or more; the output
+        layer still takes ``chunk`` positions at a time)."""
         cache = self.batcher.new_cache()
         n, start = len(ids), 0
         while start < n:
-            end = min(start + max(chunk, passes() if passes is not None and scored is not None else chunk), n)
+            end = min(start + (passes() if passes is not None else chunk), n)
 
             def step(start: int = start, end: int = end) -> Any:
                 with torch.inference_mode():
