@@ -211,7 +211,12 @@ class Decoder:
         it instead, and a generation that does not fit is refused up front.
         A compiled decoder has one cache, so it runs one stream at a time: a
         second stream started while another is open is refused.
+        The model's linear layers go back to plain ``nn.Linear`` (inductor
+        packs their weights itself; dynamo cannot trace oneDNN's packed ones).
         """
+        from livepp.engines.torch.packed import unpack_linears
+
+        unpack_linears(self.model)
         if max_cache_len is not None:
             from transformers import StaticCache
 

@@ -226,6 +226,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     log: Callable[[str], None] = _stderr,
+    pack: bool = True,
 ) -> LoadedModel:
     """Load a model for livepp.
 
@@ -233,13 +234,21 @@ def load_model(
     directory, a local ``.gguf`` file, or the id of a model already in the
     local Hugging Face cache (nothing is downloaded). GGUF files are converted
     once and cached (see the module docstring). ``device`` and ``dtype``
-    accept ``auto`` (:func:`resolve_device`, :func:`resolve_dtype`).
+    accept ``auto`` (:func:`resolve_device`, :func:`resolve_dtype`). On the
+    CPU in float32, the linear layers' weights are packed for oneDNN
+    (:mod:`livepp.engines.torch.packed`: forward passes about 2x faster
+    here, the weights' memory once more); ``pack=False`` leaves the model
+    as transformers made it.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     loaded = _load(path, dtype=dtype, log=log)
     if device != "cpu":
         loaded.model.to(device)
+    elif pack:
+        from livepp.engines.torch.packed import pack_linears
+
+        pack_linears(loaded.model)
     return loaded
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from livepp.core.params import LiveppError
+from livepp.engines.torch.packed import PackedLinear
 
 __all__ = ["RowCache", "LayerKinds", "layer_kinds", "final_logits"]
 
@@ -93,10 +94,14 @@ def final_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     2.8 ms). More rows go through ``linear``, padded to a multiple of 4 (its
     kernels for 2, 3, 6 or 7 rows ran 1.4-2x slower than for 4 or 8). One
     row is left to ``linear`` as the model computes it (a stream alone keeps
-    the single-stream decoder's numbers)."""
+    the single-stream decoder's numbers). A head packed for oneDNN
+    (:mod:`~livepp.engines.torch.packed`, the CPU default) is faster than
+    either for any number of rows and is called as it is."""
     n = hidden.shape[0]
     head = model.get_output_embeddings()
-    if 1 < n <= FEW_ROWS and type(head) is torch.nn.Linear and hidden.device.type == "cpu":
+    if type(head) is PackedLinear:  # oneDNN's packed weight: fast for any number of rows (packed.py)
+        logits = head(hidden)
+    elif 1 < n <= FEW_ROWS and type(head) is torch.nn.Linear and hidden.device.type == "cpu":
         logits = torch.mm(head.weight, hidden.t()).t().contiguous()
         if head.bias is not None:
             logits += head.bias

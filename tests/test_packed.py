@@ -1,0 +1,96 @@
+"""Linear layers packed for oneDNN (the CPU default): the model's numbers to
+float32 rounding, the packed weights really used, and every way back to a
+plain model (grad mode, unpacking, a compiled decoder, a copy)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from livepp import load_model
+from livepp.engines.torch.packed import PackedLinear, can_pack, pack_linears, unpack_linears
+from livepp.engines.torch.rowcache import final_logits
+
+pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN packed linear")
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return load_model(pack=False)
+
+
+def _linears(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_the_cpu_default_packs_every_linear_layer(loaded):
+    layers = _linears(loaded.model)
+    assert layers and all(type(m) is PackedLinear for m in layers)
+    head = loaded.model.get_output_embeddings()
+    assert head.weight is loaded.model.get_input_embeddings().weight  # still tied: the dense weight is the parameter it was
+
+
+@pytest.mark.parametrize("n", [1, 30, 300])
+def test_packed_logprobs_equal_the_plain_model_to_float32_rounding(loaded, plain, n):
+    ids = torch.randint(100, 40000, (1, n), generator=torch.Generator().manual_seed(n))
+    with torch.inference_mode():
+        a = torch.log_softmax(plain.model(ids).logits.double(), -1)
+        b = torch.log_softmax(loaded.model(ids).logits.double(), -1)
+    diff = (a - b).abs()
+    assert diff.max().item() < 5e-4
+    assert (diff / a.abs().clamp(min=1.0)).max().item() < 1e-4
+    assert not torch.equal(a, b)  # another kernel really ran (its sums round otherwise)
+
+
+def test_the_packed_weight_is_what_computes_and_grad_mode_takes_the_dense_one(plain):
+    model = copy.deepcopy(plain.model)
+    assert pack_linears(model) == len(_linears(model))
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features)
+    with torch.inference_mode():
+        before = layer(x)
+    with torch.no_grad():
+        layer.weight.zero_()  # the dense weight changes; the packed copy does not see it
+    with torch.inference_mode():
+        assert torch.equal(layer(x), before)
+    assert torch.equal(layer(x), torch.zeros_like(before))  # autograd on: F.linear on the dense weight
+    assert unpack_linears(model) == len(_linears(model)) and not any(type(m) is PackedLinear for m in model.modules())
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.zeros_like(before))  # plain again: the dense weight
+    pack_linears(model)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), torch.zeros_like(before))  # packed anew: the change is seen
+
+
+def test_a_copy_packs_its_own_weights(loaded):
+    layer = loaded.model.model.layers[0].self_attn.q_proj
+    twin = copy.deepcopy(layer)
+    assert type(twin) is PackedLinear and twin.packed is not layer.packed and twin.weight is not layer.weight
+    x = torch.randn(4, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(twin(x), layer(x))
+
+
+def test_a_packed_head_gives_final_logits_for_any_rows_as_the_model(loaded):
+    hidden = torch.randn(70, loaded.model.config.hidden_size)
+    with torch.inference_mode():
+        for n in (1, 2, 5, 64, 70):
+            assert torch.equal(final_logits(loaded.model, hidden[:n]), loaded.model.lm_head(hidden[:n]))
+
+
+def test_pack_false_and_other_devices_leave_the_model_plain(plain):
+    assert not any(type(m) is PackedLinear for m in plain.model.modules())
+    half = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    assert pack_linears(half) == 0 and type(half) is torch.nn.Linear
+
+
+def test_compiling_a_decoder_turns_its_model_back_to_plain_linear(plain):
+    from livepp import Decoder
+    from livepp.engines.torch.models import LoadedModel
+
+    model = copy.deepcopy(plain.model)
+    pack_linears(model)
+    Decoder(LoadedModel(model, plain.tokenizer, plain.name, plain.source)).compile(backend="eager")
+    assert not any(type(m) is PackedLinear for m in model.modules()) and len(_linears(model)) > 0
