@@ -164,7 +164,6 @@ class LlamaCppEngine:
     serial = True
     kind = "llama.cpp"
     device = torch.device("cpu")
-    stats_threads = 1  # torch threads for a step's statistics (sampling.torch_threads says why)
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, n_ctx: int = 0, max_rows: int = 16, exact: bool = False,
                  n_threads: int | None = None) -> None:

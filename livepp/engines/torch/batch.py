@@ -33,7 +33,7 @@ from livepp.core.stream import RowBatch
 from livepp.engines.feeding import Feed
 from livepp.engines.protocol import ScoreSpec, is_token_ids
 from livepp.engines.torch.rowcache import RowCache, layer_kinds
-from livepp.engines.torch.sampling import batch_token_stats, forced_token_stats, next_token_stats, torch_threads, unpack_stats
+from livepp.engines.torch.sampling import batch_token_stats, forced_token_stats, next_token_stats, unpack_stats
 
 __all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "injected_records", "injection_ids", "generating_feed", "split_step", "step_rows",
            "records_or_raise", "SteppedRows", "BatchStream", "BatchDecoder"]
@@ -114,7 +114,7 @@ def sample_rows(dec: Any, rows: Sequence[Row], logits: Any, injected: dict[int, 
     if not rows:
         return []
     block = logits if isinstance(logits, torch.Tensor) else torch.stack(list(logits))
-    with torch.inference_mode(), torch_threads(getattr(dec, "stats_threads", None)):
+    with torch.inference_mode():
         try:
             packed, failed = batch_token_stats(block, [r.request.params for r in rows], [r.generator for r in rows])
             flat = packed.tolist()  # the one host sync

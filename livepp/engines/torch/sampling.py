@@ -11,18 +11,17 @@ so the caller brings everything back to the host with a single
 
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
 from livepp.core.events import PositionScore
 from livepp.core.params import GenerationParams
 
-__all__ = ["StepStats", "torch_threads", "batch_token_stats", "sample_token", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
+__all__ = ["StepStats", "batch_token_stats", "sample_token", "next_token_stats", "forced_token_stats", "position_scores", "unpack_stats", "processed_scores", "top_k"]
 
 # Packed layout: [token_id, logprob, entropy, confidence, sampling_logprob,
 #                 varentropy, top_values (k), top_ids (k)]; NaN marks "not computed".
@@ -101,23 +100,6 @@ def top_k_and_argmax(x: torch.Tensor, k: int, *, argmax: bool = True) -> tuple[t
         inside = torch.gather(blocks, -2, block[..., None].expand(*block.shape, _BLOCK))[..., 0, :].argmax(dim=-1)
         first = block[..., 0] * _BLOCK + inside
     return values, torch.gather(best, -1, within // _BLOCK) * _BLOCK + within % _BLOCK, first
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (None: as they are). The
-    llama.cpp engine takes its statistics on one: llama.cpp's own threads
-    spin for a while after each decode, and torch's second thread fighting
-    them for a core made a batch's statistics up to 20x slower."""
-    old = torch.get_num_threads()
-    if n is None or n == old:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def sample_token(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
