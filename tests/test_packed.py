@@ -49,28 +49,71 @@ def test_the_packed_weight_is_what_computes_and_grad_mode_takes_the_dense_one(pl
     assert pack_linears(model) == len(_linears(model))
     layer = model.model.layers[0].mlp.down_proj
     x = torch.randn(3, layer.in_features)
+    dense = torch.nn.functional.linear(x, layer.weight)
+    # A packed copy of zeros, recorded as made from the dense weight: what inference computes with.
+    layer.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight), None)
     with torch.inference_mode():
-        before = layer(x)
-    with torch.no_grad():
-        layer.weight.zero_()  # the dense weight changes; the packed copy does not see it
-    with torch.inference_mode():
-        assert torch.equal(layer(x), before)
-    assert torch.equal(layer(x), torch.zeros_like(before))  # autograd on: F.linear on the dense weight
+        assert torch.equal(layer(x), torch.zeros_like(dense))
+    assert torch.equal(layer(x), dense)  # autograd on: F.linear on the dense weight
     assert unpack_linears(model) == len(_linears(model)) and not any(type(m) is PackedLinear for m in model.modules())
     with torch.inference_mode():
-        assert torch.equal(layer(x), torch.zeros_like(before))  # plain again: the dense weight
-    pack_linears(model)
+        assert torch.equal(layer(x), dense)  # plain again
+
+
+def _close_to_dense(layer, x):
     with torch.inference_mode():
-        assert torch.equal(layer(x), torch.zeros_like(before))  # packed anew: the change is seen
+        got = layer(x)
+    want = torch.nn.functional.linear(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+    return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_copy_packs_its_own_weights(loaded):
+def test_the_packed_copy_follows_every_change_of_the_dense_weight(plain):
+    model = copy.deepcopy(plain.model)
+    pack_linears(model)
+    layer = model.model.layers[1].self_attn.o_proj
+    x = torch.randn(5, layer.in_features)
+    assert _close_to_dense(layer, x)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place
+    assert _close_to_dense(layer, x)
+    model.load_state_dict({k: v * 0.5 for k, v in plain.model.state_dict().items()})  # copied in place into every parameter
+    assert _close_to_dense(layer, x) and _close_to_dense(model.model.layers[7].mlp.gate_proj, torch.randn(2, 576))
+    layer.weight = torch.nn.Parameter(torch.randn(layer.out_features, layer.in_features))  # a new parameter
+    assert _close_to_dense(layer, x)
+    model.half().float()  # new storage, rounded
+    assert _close_to_dense(layer, x)
+    before = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(before + 64)  # a new, larger head
+    head = model.get_output_embeddings()
+    h = torch.randn(2, head.in_features)
+    assert head.weight.shape[0] == before + 64 and _close_to_dense(head, h)
+    with torch.inference_mode():
+        assert final_logits(model, h).shape == (2, before + 64)
+
+
+def test_a_copy_or_a_pickle_carries_the_dense_weight_and_packs_at_its_first_call(loaded):
+    import pickle
+
     layer = loaded.model.model.layers[0].self_attn.q_proj
-    twin = copy.deepcopy(layer)
-    assert type(twin) is PackedLinear and twin.packed is not layer.packed and twin.weight is not layer.weight
     x = torch.randn(4, layer.in_features)
     with torch.inference_mode():
-        assert torch.equal(twin(x), layer(x))
+        want = layer(x)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert type(twin) is PackedLinear and twin.packed is None and twin.weight is not layer.weight
+        with torch.inference_mode():
+            assert torch.equal(twin(x), want)
+        assert twin.packed is not None and twin.packed is not layer.packed
+    doubled = copy.deepcopy(layer).double()  # not float32: F.linear, nothing packed
+    with torch.inference_mode():
+        assert torch.allclose(doubled(x.double()), want.double(), atol=1e-4) and doubled.packed is None
+
+
+def test_torch_compile_from_outside_traces_the_dense_weight(loaded):
+    layer = copy.deepcopy(loaded.model.model.layers[0].mlp.up_proj)
+    x = torch.randn(3, layer.in_features)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), torch.nn.functional.linear(x, layer.weight), rtol=1e-4, atol=1e-4)
 
 
 def test_a_packed_head_gives_final_logits_for_any_rows_as_the_model(loaded):
@@ -94,3 +137,9 @@ def test_compiling_a_decoder_turns_its_model_back_to_plain_linear(plain):
     pack_linears(model)
     Decoder(LoadedModel(model, plain.tokenizer, plain.name, plain.source)).compile(backend="eager")
     assert not any(type(m) is PackedLinear for m in model.modules()) and len(_linears(model)) > 0
+
+
+def test_livepp_pack_0_in_the_environment_keeps_the_model_plain(monkeypatch):
+    monkeypatch.setenv("LIVEPP_PACK", "0")
+    assert not any(type(m) is PackedLinear for m in load_model().model.modules())
+    assert any(type(m) is PackedLinear for m in load_model(pack=True).model.modules())

@@ -226,7 +226,7 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     log: Callable[[str], None] = _stderr,
-    pack: bool = True,
+    pack: bool | None = None,
 ) -> LoadedModel:
     """Load a model for livepp.
 
@@ -237,15 +237,16 @@ def load_model(
     accept ``auto`` (:func:`resolve_device`, :func:`resolve_dtype`). On the
     CPU in float32, the linear layers' weights are packed for oneDNN
     (:mod:`livepp.engines.torch.packed`: forward passes about 2x faster
-    here, the weights' memory once more); ``pack=False`` leaves the model
-    as transformers made it.
+    here, the weights' memory once more); ``pack=False`` (or, when ``pack``
+    is not given, ``LIVEPP_PACK=0`` in the environment, for the commands)
+    leaves the model as transformers made it.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     loaded = _load(path, dtype=dtype, log=log)
     if device != "cpu":
         loaded.model.to(device)
-    elif pack:
+    elif pack if pack is not None else os.environ.get("LIVEPP_PACK", "1") != "0":
         from livepp.engines.torch.packed import pack_linears
 
         pack_linears(loaded.model)

@@ -28,8 +28,11 @@ def _libgomp() -> ctypes.CDLL | None:
     """torch's libgomp if this process has loaded it (never loads another)."""
     import torch  # noqa: F401 - loads torch's libgomp
 
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    if noload is None:  # no way to ask for a library without loading it
+        return None
     try:
-        return ctypes.CDLL("libgomp.so.1", mode=getattr(os, "RTLD_NOLOAD", 0) | ctypes.RTLD_GLOBAL)
+        return ctypes.CDLL("libgomp.so.1", mode=noload | os.RTLD_NOW)
     except OSError:
         return None
 

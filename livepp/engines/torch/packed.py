@@ -15,15 +15,22 @@ far from a float64 run as ``F.linear``'s 6e-5).
 :func:`pack_linears` turns a model's plain ``nn.Linear`` modules into
 :class:`PackedLinear` in place; ``weight`` stays the dense parameter it was
 (tied weights, ``state_dict`` and ``.to()`` are as before). The packed copy
-costs the weights' memory once more. A module computes with it only on the
-CPU, in float32, with autograd off for it (``inference_mode``, ``no_grad``,
-or weights that need no grad); anything else takes ``F.linear`` on the dense
-weight, so training or a model moved to a GPU keep working. A weight changed
-after packing is not seen: :func:`unpack_linears`, change, pack again.
+costs the weights' memory once more (``LIVEPP_PACK=0`` in the environment,
+or ``load_model(..., pack=False)``, keeps the plain model). A module
+computes with it only on the CPU, in float32, with autograd off for it
+(``inference_mode``, ``no_grad``, or weights that need no grad) and outside
+``torch.compile``/``torch.jit`` tracing (inductor packs weights itself);
+anything else takes ``F.linear`` on the dense weight, so training, a model
+moved to a GPU or compiled keep working. The packed copy follows the dense
+weight: a new parameter (``tie_weights``, ``resize_token_embeddings``), new
+storage (``.half().float()``) or an in-place change (``load_state_dict``,
+``zero_()``) is packed again at the next call. A copy or a pickle carries
+the dense weight only and packs again when first called.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -32,46 +39,65 @@ import torch.nn.functional as F
 __all__ = ["PackedLinear", "can_pack", "pack_linears", "unpack_linears"]
 
 
+@functools.cache
 def can_pack() -> bool:
-    """Whether this torch has oneDNN's packed linear."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise") \
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch has oneDNN's packed linear, and it gives what
+    ``F.linear`` gives on a small layer (checked once per process)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        with torch.inference_mode():
+            gen = torch.Generator().manual_seed(0)
+            w, x = torch.randn(24, 40, generator=gen), torch.randn(3, 40, generator=gen)
+            got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), None, "none", [], "")
+            return bool(torch.allclose(got, F.linear(x, w), rtol=1e-4, atol=1e-4))
+    except RuntimeError:  # an ISA or build oneDNN cannot run here
+        return False
 
 
 class PackedLinear(torch.nn.Linear):
     """An ``nn.Linear`` that also holds its weight packed for oneDNN."""
 
-    packed: torch.Tensor | None
+    packed: torch.Tensor | None = None
+    _packed_of: tuple[Any, ...] | None = None  # what the packed copy was made from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (self.packed is not None and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-                and w.device.type == "cpu" and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and w.dim() == 2):
+            key = _weight_key(w)
+            if self.packed is None or key != self._packed_of:
+                _pack_weight(self, key)
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, w, self.bias)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> torch.nn.Linear:
-        # The packed copy is an opaque oneDNN tensor; a copy packs its own.
-        copy = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                               device=self.weight.device, dtype=self.weight.dtype)
-        memo[id(self)] = copy
-        copy.weight = _copied(self.weight, memo)
-        copy.bias = _copied(self.bias, memo) if self.bias is not None else None
-        copy.training = self.training
-        _pack(copy)
-        return copy
+    def __getstate__(self) -> dict[str, Any]:
+        # The packed copy is an opaque oneDNN tensor (no storage to copy or
+        # pickle): a copy carries the dense weight and packs at its first call.
+        state = super().__getstate__()
+        return {k: v for k, v in state.items() if k not in ("packed", "_packed_of")}
 
 
-def _copied(p: torch.nn.Parameter, memo: dict[int, Any]) -> torch.nn.Parameter:
-    import copy
+def _weight_key(w: torch.Tensor) -> tuple[Any, ...]:
+    """The dense weight's identity: the parameter, its storage, shape and in-place version."""
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        version = None
+    return (id(w), w.data_ptr(), tuple(w.shape), version)
 
-    return copy.deepcopy(p, memo)
+
+def _pack_weight(module: torch.nn.Linear, key: tuple[Any, ...] | None = None) -> None:
+    with torch.no_grad():
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)  # type: ignore[assignment]
+    module._packed_of = key if key is not None else _weight_key(module.weight)  # type: ignore[attr-defined]
 
 
 def _pack(module: torch.nn.Linear) -> None:
     module.__class__ = PackedLinear
-    with torch.no_grad():
-        module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)  # type: ignore[assignment]
+    _pack_weight(module)
 
 
 def pack_linears(model: torch.nn.Module) -> int:
@@ -94,7 +120,8 @@ def unpack_linears(model: torch.nn.Module) -> int:
     n = 0
     for module in model.modules():
         if type(module) is PackedLinear:
-            del module.packed
+            module.__dict__.pop("packed", None)
+            module.__dict__.pop("_packed_of", None)
             module.__class__ = torch.nn.Linear
             n += 1
     return n
