@@ -36,14 +36,24 @@ def test_release_frees_the_calling_threads_openmp_workers():
     assert with_pool == before + 1 and after == before and again == before + 1
 
 
-def test_the_torch_backend_releases_the_pool_of_the_thread_that_makes_it(decoder, monkeypatch):
+@pytest.mark.parametrize("kind", ["torch", "llama.cpp"])
+def test_making_a_batch_backend_releases_the_pool_of_the_thread_that_makes_it(decoder, monkeypatch, kind):
     import threading
 
-    from livepp.engines.torch import continuous
+    from livepp.engines import scheduler
     from livepp.engines.torch.engine import TorchEngine
 
-    calls = []
-    monkeypatch.setattr(continuous, "release_openmp_pool", lambda: calls.append(threading.current_thread()) or True)
-    continuous.TorchBackend(TorchEngine(decoder))
-    assert calls == [threading.current_thread()]
+    if kind == "llama.cpp":
+        pytest.importorskip("llama_cpp", reason="install the test extras: pip install -e '.[test]'")
+        from livepp.engines.llamacpp import LlamaCppEngine
 
+        engine = LlamaCppEngine(max_rows=2)
+    else:
+        engine = TorchEngine(decoder)
+    calls = []
+    monkeypatch.setattr(scheduler, "release_openmp_pool", lambda: calls.append(threading.current_thread()) or True)
+    backend = scheduler.backend_for(engine)
+    assert backend.kind == kind and calls == [threading.current_thread()]
+    if kind == "llama.cpp":
+        backend.close()
+        engine.close()

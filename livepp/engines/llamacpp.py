@@ -305,11 +305,6 @@ class LlamaBackend:
         self.engine, self.name, self.kind = engine, engine.name, engine.kind
         self.text, self.llama = engine, engine.llama
         self.reset()
-        # llama.cpp's decodes run on the scheduler's thread, in the libgomp
-        # torch loaded: the making thread gives up its workers (torch/openmp.py).
-        from livepp.engines.torch.openmp import release_openmp_pool
-
-        release_openmp_pool()
 
     def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Any]:
         """One callable per decode; the last returns each row's next-token logits."""

@@ -38,6 +38,7 @@ from livepp.core.params import EngineBusy, GenerationParams, LiveppError
 from livepp.engines.encoder import PromptEncoder
 from livepp.engines.protocol import Prompt, ScoreSpec, is_token_ids
 from livepp.engines.select import local_kind, supports_continuous_batching
+from livepp.engines.torch.openmp import release_openmp_pool
 from livepp.engines.feeding import FedState, plan_feed, score_feed
 from livepp.engines.scheduled import FedStream, ScheduledBatch, ScheduledStream
 from livepp.engines.torch.batch import BatchRequest, Row, batch_requests, generating_feed, injection_ids, new_row, sample_rows, split_step
@@ -46,17 +47,16 @@ __all__ = ["Scheduler", "ScheduledStream", "ScheduledBatch", "FedStream", "backe
 
 
 def backend_for(engine: Any) -> Any:
-    """The continuous-batching side of a local engine, or None if it has none."""
+    """A local engine's continuous-batching side (None if none); the calling thread frees its OpenMP pool (torch/openmp.py)."""
     kind = local_kind(engine)
     if kind == "torch":
-        from livepp.engines.torch.continuous import TorchBackend
-
-        return TorchBackend(engine)
-    if kind == "llama.cpp":
-        from livepp.engines.llamacpp import LlamaBackend
-
-        return LlamaBackend(engine)
-    return None
+        from livepp.engines.torch.continuous import TorchBackend as Backend
+    elif kind == "llama.cpp":
+        from livepp.engines.llamacpp import LlamaBackend as Backend
+    else:
+        return None
+    release_openmp_pool()
+    return Backend(engine)
 
 
 class _Channel:

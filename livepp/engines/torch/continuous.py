@@ -22,7 +22,6 @@ from livepp.engines.torch.batch import BatchDecoder, Row
 from livepp.engines.torch.rowcache import RowCache, final_logits
 from livepp.engines.torch.sampling import position_scores
 from livepp.engines.torch.engine import TorchEngine
-from livepp.engines.torch.openmp import release_openmp_pool
 
 __all__ = ["TorchBackend", "IDLE_SCORE_PASS"]
 
@@ -37,10 +36,6 @@ class TorchBackend:
         self.batcher = BatchDecoder(engine.decoder)  # refuses a model whose layers cannot be batched
         self.cache = self.batcher.new_cache()
         self._pending: RowCache | None = None
-        # The forward passes run on the scheduler's thread: the thread that
-        # loaded the model (and makes this backend) gives up its OpenMP
-        # workers, or libgomp's throttling slows every pass (openmp.py).
-        release_openmp_pool()
 
     def prefill(self, rows: Sequence[Row], chunk: int) -> Iterator[Callable[[], Any]]:
         """Callables, one per forward pass; the last returns the rows' next-token logits."""

@@ -64,9 +64,9 @@ class PackedLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+        if (_packable(w) and x.device.type == "cpu" and x.dtype == torch.float32
                 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and w.dim() == 2):
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
             key = _weight_key(w)
             if self.packed is None or key != self._packed_of:
                 _pack_weight(self, key)
@@ -78,6 +78,11 @@ class PackedLinear(torch.nn.Linear):
         # pickle): a copy carries the dense weight and packs at its first call.
         state = super().__getstate__()
         return {k: v for k, v in state.items() if k not in ("packed", "_packed_of")}
+
+
+def _packable(w: torch.Tensor) -> bool:
+    """Whether a linear layer's weight is one oneDNN's packed linear takes: CPU, float32, [out, in]."""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
 
 
 def _weight_key(w: torch.Tensor) -> tuple[Any, ...]:
@@ -107,8 +112,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     n = 0
     for module in model.modules():
-        if (type(module) is torch.nn.Linear and module.weight.device.type == "cpu" and module.weight.dtype == torch.float32
-                and module.weight.dim() == 2):
+        if type(module) is torch.nn.Linear and _packable(module.weight):
             _pack(module)
             n += 1
     return n
