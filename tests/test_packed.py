@@ -39,9 +39,11 @@ def test_packed_logprobs_equal_the_plain_model_to_float32_rounding(loaded, plain
         a = torch.log_softmax(plain.model(ids).logits.double(), -1)
         b = torch.log_softmax(loaded.model(ids).logits.double(), -1)
     diff = (a - b).abs()
+    # Whether the two kernels round alike depends on the processor: printed, not asserted
+    # (that the packed weight is what computes is asserted below, with a packed copy of zeros).
+    print(f"{n} positions: largest logprob difference from the plain model {diff.max().item():.1e}")
     assert diff.max().item() < 5e-4
     assert (diff / a.abs().clamp(min=1.0)).max().item() < 1e-4
-    assert not torch.equal(a, b)  # another kernel really ran (its sums round otherwise)
 
 
 def test_the_packed_weight_is_what_computes_and_grad_mode_takes_the_dense_one(plain):
