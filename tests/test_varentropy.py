@@ -60,6 +60,40 @@ def test_llamacpp_engine_varentropy_equals_the_formula_on_its_own_logits():
         assert t.varentropy == pytest.approx(varentropy_of(lg)[1], abs=1e-3, rel=1e-4)
 
 
+@pytest.mark.parametrize("vocab", [5000, 49152, 262144])
+def test_the_statistics_of_a_step_are_float32_close_to_a_float64_evaluation(vocab):
+    """A step's logprob, top-k, entropy and varentropy (taken from exp(x −
+    max) and its dot products, without a log-softmax block) against float64,
+    for rows peaked and flat, and a row with tokens of probability 0 (logits
+    of −inf): the same numbers, the zero-probability tokens adding exactly 0
+    (not 0·∞), and a forced token of probability 0 scored −inf."""
+    from livepp.engines.torch.sampling import batch_token_stats, forced_token_stats, unpack_stats
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(4, vocab, generator=g) * torch.tensor([[1.0], [4.0], [12.0], [3.0]])
+    x[3, ::3] = -float("inf")
+    params = GenerationParams(max_new_tokens=1, top_logprobs=5, confidence_k=20, entropy=True)
+    packed, failed = batch_token_stats(x, [params] * 4, [None] * 4)
+    forced = forced_token_stats(x, [0, 1, 2, 3], params)
+    assert not failed
+    for k in range(4):
+        row = x[k].numpy()
+        h, v = varentropy_of(row[np.isfinite(row)])  # tokens of probability 0 add nothing
+        z = x[k].double()
+        logp = z - torch.logsumexp(z, 0)
+        got = unpack_stats(packed[k].tolist(), 5)
+        assert got.token_id == int(z.argmax())
+        assert got.logprob == pytest.approx(logp.max().item(), abs=2e-6)
+        assert got.entropy == pytest.approx(h, abs=5e-6, rel=1e-6)
+        assert got.varentropy == pytest.approx(v, abs=5e-5, rel=1e-5)
+        assert [i for i, _ in got.top] == torch.topk(logp, 5).indices.tolist()
+        assert max(abs(lp - logp[i].item()) for i, lp in got.top) <= 2e-6
+        assert got.confidence == pytest.approx(-torch.topk(logp, 20).values.mean().item(), abs=2e-6)
+        assert forced[k].entropy == pytest.approx(h, abs=5e-6, rel=1e-6) and forced[k].varentropy == pytest.approx(v, abs=5e-5, rel=1e-5)
+        assert forced[k].logprob == pytest.approx(logp[k].item(), abs=2e-6)
+    assert forced[3].logprob == -float("inf")  # token 3 of row 3 has logit −inf
+
+
 def records(varentropies):
     return [TokenRecord(token_id=i, text="x", logprob=-1.0, entropy=1.0, varentropy=v) for i, v in enumerate(varentropies)]
 
