@@ -139,23 +139,55 @@ def test_a_token_that_really_decodes_to_the_replacement_character_is_released(lo
     ids = tok("ok", add_special_tokens=False)["input_ids"] + [fffd] * 12
     detok = IncrementalDetokenizer(tok)
     calls = []
-    original = tok.decode
+    original = detok._decode  # every decode it makes goes through this
 
-    def counting(ids_, **kw):
+    def counting(ids_):
         calls.append(len(ids_))
-        return original(ids_, **kw)
+        return original(ids_)
 
-    tok.decode = counting
-    try:
-        pieces = [detok.add(i) for i in ids]
-    finally:
-        del tok.decode
+    detok._decode = counting
+    pieces = [detok.add(i) for i in ids]
     # Held at most 4 ids (the longest UTF-8 character), then released: the
     # decode window stays bounded instead of growing with every token.
     assert "".join(pieces).count("\ufffd") >= 12 - 4
     assert max(calls) <= 6 + 4 + 1
     rest = detok.finish()
     assert "".join(pieces) + rest == tok.decode(ids) == "ok" + "\ufffd" * 12
+
+
+def test_the_detokenizer_decodes_with_the_tokenizers_library_directly_only_where_the_text_is_the_same(loaded):
+    """SmolLM2's fast tokenizer adds nothing to the ``tokenizers`` decode, so
+    the detokenizer calls it directly (transformers' wrapper was most of a
+    token's decode): the same text for any window of ids, special tokens
+    kept or skipped. A tokenizer that cleans up spaces, or whose class
+    decodes its own way, keeps its own ``decode``."""
+    import copy
+    import random
+
+    from livepp.engines.detokenize import _plain_decode
+
+    tok = loaded.tokenizer
+    fast = _plain_decode(tok)
+    assert fast is not None
+    rng = random.Random(0)
+    specials = list(tok.all_special_ids)
+    for skip in (True, False):
+        detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+        for _ in range(2000):
+            ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(len(tok)) for _ in range(rng.randint(1, 8))]
+            assert detok._decode(ids) == tok.decode(ids, skip_special_tokens=skip)
+    cleaning = copy.deepcopy(tok)
+    cleaning.clean_up_tokenization_spaces = True
+    assert _plain_decode(cleaning) is None
+
+    class OwnDecode(type(tok)):
+        def _decode(self, token_ids, **kwargs):
+            return "!" + super()._decode(token_ids, **kwargs)
+
+    own = copy.deepcopy(tok)
+    own.__class__ = OwnDecode
+    assert _plain_decode(own) is None
+    assert IncrementalDetokenizer(own)._decode(tok("Hi", add_special_tokens=False)["input_ids"]) == "!Hi"
 
 
 def test_finish_releases_a_dangling_byte_at_the_end(loaded):

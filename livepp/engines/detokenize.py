@@ -13,6 +13,7 @@ is held, so that the concatenated pieces equal ``tokenizer.decode(all_ids)``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 __all__ = ["IncrementalDetokenizer"]
@@ -24,16 +25,35 @@ _CONTEXT = 6
 _MAX_HELD = 4
 
 
+def _plain_decode(tokenizer: Any) -> Any:
+    """The ``tokenizers`` decoder a transformers fast tokenizer calls, when
+    its ``decode`` adds nothing to it (its own ``_decode``, no clean-up of
+    spaces): called directly, a token's decode skips transformers' argument
+    handling, most of its cost (two decodes a token, every row of a batch).
+    None when anything could differ."""
+    module = sys.modules.get("transformers.tokenization_utils_tokenizers")  # imported if the tokenizer is one of its
+    TokenizersBackend = getattr(module, "TokenizersBackend", None)
+    if TokenizersBackend is None or not isinstance(tokenizer, TokenizersBackend) or type(tokenizer)._decode is not TokenizersBackend._decode:
+        return None
+    if type(tokenizer).decode is not TokenizersBackend.decode or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return getattr(backend, "decode", None)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, *, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
+        self._fast = _plain_decode(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0  # start of the context window
         self._read_offset = 0  # ids before this are already released as text
         self._released_chars = 0  # length of all text released so far
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast(ids, skip_special_tokens=self._skip)
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def add(self, token_id: int) -> str:
