@@ -212,25 +212,29 @@ def dumps(value: Any) -> str:
         return json.dumps(json_safe(value), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def to_json_dict(event: Event) -> dict[str, Any]:
     """The one JSON form of an event, with ``type`` first."""
     out: dict[str, Any] = {"type": event.type}
-    for f in dataclasses.fields(event):
-        if f.name in ("type", "extra"):
-            continue
-        value = getattr(event, f.name)
-        if (f.name == "injected" and not value) or (f.name in ("entropy_bounds", "tail_mass") and value is None):
+    names = _FIELD_NAMES.get(type(event))
+    if names is None:  # an event class's fields, looked up once
+        names = _FIELD_NAMES[type(event)] = tuple(f.name for f in dataclasses.fields(event) if f.name not in ("type", "extra"))
+    for name in names:
+        value = getattr(event, name)
+        if (name == "injected" and not value) or (name in ("entropy_bounds", "tail_mass") and value is None):
             continue  # only injected tokens say so; only streams with a top-k only carry bounds
-        if f.name == "top_logprobs":
+        if name == "top_logprobs":
             value = [
                 {"token_id": t.token_id, "text": t.text, "logprob": _json_float(t.logprob)}
                 for t in value
             ]
-        elif f.name in ("prompt_token_ids", "entropy_bounds"):
+        elif name in ("prompt_token_ids", "entropy_bounds"):
             value = [_json_float(v) if isinstance(v, float) else v for v in value]
         elif isinstance(value, float):
             value = _json_float(value)
-        out[f.name] = value
+        out[name] = value
     if isinstance(event, ErrorEvent):
         out.update(event.extra)
     return out
