@@ -143,10 +143,10 @@ def log_normaliser(logits: torch.Tensor, peak: torch.Tensor, shifted: torch.Tens
     ``logits`` [R, V] fp32, ``peak`` its row maxima [R]; ``shifted`` and
     ``weights``: two [R, V] blocks to write into. Returns ``(shift, entropy,
     varentropy)``: ``log p = logits − shift``; the last two None unless
-    ``spread``. Four passes over [R, V] (five with the spread) where
-    log-softmax, exp and the products took nine, and closer to a float64
-    evaluation (entropy 5e-7 off where the log-softmax form was 6e-6 off,
-    on 8 rows of a 49k vocabulary). A token of probability 0 (a logit of
+    ``spread``. Four operations over [R, V] without the spread, eight with
+    it, where log-softmax, exp and the products took nine and a third
+    block; and closer to a float64 evaluation (entropy 5e-7 off where the
+    log-softmax form was 6e-6 off, on 8 rows of a 49k vocabulary). A token of probability 0 (a logit of
     −inf) gets s clamped to −1e4: its weight exp(−1e4) is exactly 0 in fp32,
     so it adds exactly 0 instead of 0·∞."""
     s = torch.sub(logits, peak[:, None], out=shifted).clamp_(min=-1e4)
