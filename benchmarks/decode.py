@@ -27,6 +27,7 @@ only (`--batch-only` runs just these rows).
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 
@@ -153,17 +154,22 @@ def llama_batch(engine, rows, n):
     return rows * n / (time.perf_counter() - t)
 
 
-def interleaved_best(runs: dict, repeats: int) -> dict[str, float]:
+def interleaved_rounds(runs: dict, repeats: int) -> dict[str, list[float]]:
     """Every contender once to warm up (allocator, thread pools, caches), then
     ``repeats`` rounds of all of them in turn, so that machine noise hits them
-    alike; each contender's best round."""
+    alike; each contender's figure of every round."""
     for fn in runs.values():
         fn()
-    best = {name: 0.0 for name in runs}
+    rounds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            best[name] = max(best[name], fn())
-    return best
+            rounds[name].append(fn())
+    return rounds
+
+
+def interleaved_best(runs: dict, repeats: int) -> dict[str, float]:
+    """:func:`interleaved_rounds`, each contender's best round."""
+    return {name: max(figures) for name, figures in interleaved_rounds(runs, repeats).items()}
 
 
 def main() -> None:
@@ -261,15 +267,17 @@ def batch_main(args) -> None:
     for b in batches:
         runs[f"bare llama.cpp loop, batch {b} (argmax only)"] = lambda b=b: llama_bare_batch(ctx, ids, b, n)
         runs[f"llama.cpp engine, batch {b}, full monitoring"] = lambda b=b: llama_engine_batch(engine, b, n)
-    best = interleaved_best(runs, args.repeats)
+    rounds = interleaved_rounds(runs, args.repeats)
     width = max(map(len, runs))
     print()
-    for name, tps in best.items():
-        print(f"  {name:<{width}}  {tps:6.1f} tokens/s (aggregate)")
+    for name, figures in rounds.items():
+        print(f"  {name:<{width}}  {max(figures):6.1f} tokens/s (aggregate)")
     print()
+    print("  engine with full monitoring / bare loop: best against best, and the median of the rounds' ratios (each round runs both)")
     for b in batches:
-        ratio = best[f"llama.cpp engine, batch {b}, full monitoring"] / best[f"bare llama.cpp loop, batch {b} (argmax only)"]
-        print(f"  batch {b}: engine with full monitoring / bare loop  {ratio:5.2f}x   (target >= 0.95x at batch 8)")
+        engine_rounds, bare_rounds = rounds[f"llama.cpp engine, batch {b}, full monitoring"], rounds[f"bare llama.cpp loop, batch {b} (argmax only)"]
+        paired = statistics.median(e / r for e, r in zip(engine_rounds, bare_rounds))
+        print(f"  batch {b}: {max(engine_rounds) / max(bare_rounds):6.3f}x best, {paired:6.3f}x median   (target >= 0.95x at batch 8)")
     ctx.close()
     engine.close()
 
