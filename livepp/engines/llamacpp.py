@@ -36,8 +36,8 @@ from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
 from livepp.engines.feeding import Feed
-from livepp.engines.torch.batch import (Row, SteppedRows, batch_requests, generating_feed, injection_ids, new_row, records_or_raise,
-                                       sample_rows, split_step)
+from livepp.engines.torch.batch import (Row, SteppedRows, batch_requests, generating_feed, injection_ids, new_row, next_logits,
+                                       records_or_raise, sample_rows)
 from livepp.engines.torch.decoder import alternatives, encode_prompt
 from livepp.engines.torch.sampling import position_scores
 
@@ -291,8 +291,7 @@ def decode_step(llama: LlamaContext, rows: Sequence[Row], seqs: Sequence[int]) -
     decode) and each injecting row's ids and their logits."""
     feeds = [generating_feed(r) for r in rows]
     block = llama.decode([(t, f.start + j, seq, True) for f, seq in zip(feeds, seqs) for j, t in enumerate(f.ids)], copy=False)
-    logits, injected, _ = split_step(rows, feeds, block)
-    return logits, injected
+    return next_logits(rows, feeds, block)
 
 
 class LlamaBackend:

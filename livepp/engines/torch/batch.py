@@ -35,7 +35,7 @@ from livepp.engines.protocol import ScoreSpec, is_token_ids
 from livepp.engines.torch.rowcache import RowCache, layer_kinds
 from livepp.engines.torch.sampling import batch_token_stats, forced_token_stats, next_token_stats, unpack_stats
 
-__all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "injected_records", "injection_ids", "generating_feed", "split_step", "step_rows",
+__all__ = ["BatchRequest", "Row", "batch_requests", "new_row", "sample_rows", "injected_records", "injection_ids", "generating_feed", "split_step", "next_logits", "step_rows",
            "records_or_raise", "SteppedRows", "BatchStream", "BatchDecoder"]
 
 
@@ -197,13 +197,23 @@ def split_step(rows: Sequence[Row], feeds: Sequence[Feed], block: torch.Tensor, 
     return nexts, injected, per_row
 
 
+def next_logits(rows: Sequence[Row], feeds: Sequence[Feed], block: torch.Tensor) -> tuple[torch.Tensor, dict[int, tuple[list[int], torch.Tensor]]]:
+    """:func:`split_step` of a step where every row generates: the
+    next-token logits [rows, V] and each injecting row's ids and logits. A
+    step of one token a row (no injection) is its block as it is, without
+    cutting it into a view per row."""
+    if len(block) == len(rows) == len(feeds):
+        return block, {}
+    logits, injected, _ = split_step(rows, feeds, block)
+    return logits, injected
+
+
 def step_rows(cache: RowCache, rows: Sequence[Row]) -> tuple[torch.Tensor, dict[int, tuple[list[int], torch.Tensor]]]:
     """One forward pass for every row of a batch (:func:`generating_feed`):
     the next-token logits [rows, V] and each injecting row's ids and logits."""
     feeds = [generating_feed(r) for r in rows]
     block = cache.forward([f.ids for f in feeds], [f.start for f in feeds], [f.wanted for f in feeds])
-    logits, injected, _ = split_step(rows, feeds, block)
-    return logits, injected
+    return next_logits(rows, feeds, block)
 
 
 def _failed(row: Row, exc: Exception) -> Exception:
