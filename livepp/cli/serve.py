@@ -69,6 +69,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
     from livepp.cli.common import fail as _fail
 
     try:
+        from livepp.engines.heap import settle
         from livepp.serve.app import LOOPBACK_HOSTS, LiveppServer, ServerConfig, serve_forever
 
         if host.lower() not in LOOPBACK_HOSTS:
@@ -112,6 +113,7 @@ def serve_cmd(host, port, model_path, token, max_new_tokens_cap, max_requests_pe
             click.echo(f"livepp: serving {name} on http://{host}:{bound}/ ({batching}; websocket /ws, OpenAI API /v1, health /healthz, "
                        "metrics /metrics); Ctrl-C stops", err=True)
 
+        settle(freeze=True)  # livepp's own process: what the start made leaves every later collection
         asyncio.run(serve_forever(server, ready=ready))
         click.echo("livepp: stopped", err=True)
     except LiveppError as exc:

@@ -36,6 +36,7 @@ from livepp.core.params import GenerationParams, LiveppError, PromptTooLong
 from livepp.core.stream import RecordStream
 from livepp.engines.protocol import Prompt
 from livepp.engines.feeding import Feed
+from livepp.engines.heap import settle
 from livepp.engines.torch.batch import (Row, SteppedRows, batch_requests, generating_feed, injection_ids, new_row, next_logits,
                                        records_or_raise, sample_rows)
 from livepp.engines.torch.decoder import alternatives, encode_prompt
@@ -180,6 +181,7 @@ class LlamaCppEngine:
         eos = {self.tokenizer.eos_token_id} if isinstance(self.tokenizer.eos_token_id, int) else set()
         self.eos_ids = frozenset(eos | self.llama.special_eos())
         self._busy = False
+        settle()  # the full collection the load leaves owed, now rather than during the first generation
 
     # ---- what the shared text side and sampler ask of an engine -------------
     def encode(self, prompt: Prompt, *, raw: bool = False) -> list[int]:

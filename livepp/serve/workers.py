@@ -41,6 +41,7 @@ __all__ = ["serve_workers"]
 def _worker(engine: Any, config: ServerConfig, sock: Any, listening: Any) -> None:
     import asyncio
 
+    from livepp.engines.heap import settle
     from livepp.serve.app import LiveppServer, serve_forever
     from livepp.serve.runner import listen
 
@@ -48,6 +49,7 @@ def _worker(engine: Any, config: ServerConfig, sock: Any, listening: Any) -> Non
         sock = listen(config.host, config.port, reuse_port=True)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM for every worker
+    settle(freeze=True)  # a worker process of livepp's own: what its start made leaves every later collection
     asyncio.run(serve_forever(LiveppServer(engine, config), sock=sock, signals=(signal.SIGTERM,), ready=lambda port: listening.set()))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from livepp.core.params import LiveppError
+from livepp.engines.heap import settle
 
 __all__ = [
     "LoadedModel",
@@ -250,6 +251,7 @@ def load_model(
         from livepp.engines.torch.packed import pack_linears
 
         pack_linears(loaded.model)
+    settle()  # the full collection the load leaves owed, now rather than during the first generation
     return loaded
 
 
