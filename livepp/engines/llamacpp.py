@@ -148,10 +148,7 @@ class LlamaContext:
         self.lib.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
 
     def clear(self) -> None:
-        """Every sequence's cells freed. Their data is left as it is (zeroing
-        the buffers took 2 ms a call here): llama.cpp masks free cells out,
-        as it does the cells of a removed sequence."""
-        self.lib.llama_memory_clear(self.memory, False)
+        self.lib.llama_memory_clear(self.memory, True)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
