@@ -94,6 +94,22 @@ def test_the_statistics_of_a_step_are_float32_close_to_a_float64_evaluation(voca
     assert forced[3].logprob == -float("inf")  # token 3 of row 3 has logit −inf
 
 
+def test_the_statistics_of_logits_that_carry_a_gradient_are_those_of_the_same_logits_without():
+    """A caller's logits may come out of a graph with a gradient (a model
+    run outside inference mode): the statistics are taken of their values
+    (out= writes refused such a block before)."""
+    from livepp.engines.torch.sampling import batch_token_stats, forced_token_stats
+
+    w = torch.randn(3, 2000, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    params = GenerationParams(max_new_tokens=1, top_logprobs=3, confidence_k=5, entropy=True)
+    with_grad = w * 2.0
+    plain = with_grad.detach().clone()
+    got, failed = batch_token_stats(with_grad, [params] * 3, [None] * 3)
+    want, _ = batch_token_stats(plain, [params] * 3, [None] * 3)
+    assert not failed and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert forced_token_stats(with_grad, [0, 1, 2], params) == forced_token_stats(plain, [0, 1, 2], params)
+
+
 def records(varentropies):
     return [TokenRecord(token_id=i, text="x", logprob=-1.0, entropy=1.0, varentropy=v) for i, v in enumerate(varentropies)]
 

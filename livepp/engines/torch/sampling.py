@@ -173,7 +173,9 @@ def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
     ``[rows, width]`` float64 block (one host sync brings it back; see
     :func:`unpack_stats`) and the exception of each row whose draw failed
     (its packed row is meaningless)."""
-    # logits: [R, V]; statistics are taken in fp32 whatever the model's dtype.
+    # logits: [R, V]; statistics are taken in fp32 whatever the model's dtype,
+    # and never need a gradient (a block that has one would refuse out=).
+    logits = logits.detach()
     if logits.dtype != torch.float32:
         logits = logits.float()
     rows = logits.shape[0]
@@ -268,7 +270,7 @@ def forced_token_stats(logits: torch.Tensor, token_ids: list[int], params: Gener
     ``logits`` [T, V] is the distribution ``token_ids[i]`` was drawn from.
     Same quantities and layout as :func:`next_token_stats`, for T rows at
     once with one host sync."""
-    logits = logits.float()
+    logits = logits.detach().float()  # as batch_token_stats: no gradient
     rows = logits.shape[0]
     nan = logits.new_full((rows, 1), math.nan)
     target = torch.tensor(token_ids, device=logits.device)[:, None]
@@ -312,8 +314,8 @@ def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[
         top_values, top_ids = top_k(logprobs, min(top, logprobs.shape[-1]))
         parts += [top_values, top_ids.to(logprobs.dtype)]
     if entropy:
-        # As batch_token_stats: one clamped copy and its exp, the product
-        # written over that exp (no third [T, V] block).
+        # One clamped copy and its exp, the product written over that exp
+        # (no third [T, V] block).
         clamped = logprobs.clamp(min=-1e4)
         p = clamped.exp()
         parts[2] = -torch.mul(p, clamped, out=p).sum(-1, keepdim=True)
