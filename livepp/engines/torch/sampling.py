@@ -146,9 +146,9 @@ def log_normaliser(logits: torch.Tensor, peak: torch.Tensor, shifted: torch.Tens
     ``spread``. Four operations over [R, V] without the spread, eight with
     it, where log-softmax, exp and the products took nine and a third
     block; and closer to a float64 evaluation (entropy 5e-7 off where the
-    log-softmax form was 6e-6 off, on 8 rows of a 49k vocabulary). A token of probability 0 (a logit of
-    −inf) gets s clamped to −1e4: its weight exp(−1e4) is exactly 0 in fp32,
-    so it adds exactly 0 instead of 0·∞."""
+    log-softmax form was 6e-6 off, on 8 rows of a 49k vocabulary). A token
+    of probability 0 (a logit of −inf) gets s clamped to −1e4: its weight
+    exp(−1e4) is exactly 0 in fp32, so it adds exactly 0 instead of 0·∞."""
     s = torch.sub(logits, peak[:, None], out=shifted).clamp_(min=-1e4)
     e = torch.exp(s, out=weights)
     z = e.sum(-1)
@@ -162,14 +162,17 @@ def log_normaliser(logits: torch.Tensor, peak: torch.Tensor, shifted: torch.Tens
     return shift, entropy, varentropy
 
 
-def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
-                      generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, dict[int, Exception]]:
+def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams], generators: Sequence[torch.Generator | None],
+                      *, tokens: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[int, Exception]]:
     """Choose every row's next token and pack its statistics, in one
     vectorised pass over the ``[rows, vocab]`` logits block: the raw
     logprob, entropy, varentropy, top-k and confidence of all rows at once
     (:func:`log_normaliser`; the top k and the greedy token are those of the
     logits, the order log-softmax keeps); only sampled rows draw one by one
-    (each with its own settings and generator). Returns the packed
+    (each with its own settings and generator). ``tokens``: the rows'
+    tokens are given (teacher forcing, :func:`forced_token_stats`): nothing
+    is drawn, and the [rows, vocab] blocks are fresh rather than the
+    thread's scratch, as the rows can be a whole prompt. Returns the packed
     ``[rows, width]`` float64 block (one host sync brings it back; see
     :func:`unpack_stats`) and the exception of each row whose draw failed
     (its packed row is meaningless)."""
@@ -181,23 +184,27 @@ def batch_token_stats(logits: torch.Tensor, params: Sequence[GenerationParams],
     rows = logits.shape[0]
     nan = logits.new_full((rows,), math.nan)
     n_top = min(max(max(p.top_logprobs, p.confidence_k) for p in params), logits.shape[-1])
+    given = torch.tensor(list(tokens), device=logits.device) if tokens is not None else None
     if n_top:  # the top-k and the argmax from one pass of block maxima
-        top_values, top_ids, token = top_k_and_argmax(logits, n_top)  # [R, n_top], [R, n_top], [R]
+        top_values, top_ids, token = top_k_and_argmax(logits, n_top, argmax=given is None)  # [R, n_top], [R, n_top], [R]
         peak = top_values[:, 0]
     else:
-        token = logits.argmax(dim=-1)  # [R] greedy rows keep this
+        token = logits.argmax(dim=-1) if given is None else None  # [R] greedy rows keep this
         peak = logits.amax(dim=-1)
+    if given is not None:
+        token = given
     wants_entropy = [p.entropy for p in params]
-    shift, entropy, varentropy = log_normaliser(logits, peak, *_scratch(logits), spread=any(wants_entropy))
+    blocks = _scratch(logits) if tokens is None else (torch.empty_like(logits), torch.empty_like(logits))
+    shift, entropy, varentropy = log_normaliser(logits, peak, *blocks, spread=any(wants_entropy))
     if entropy is None or varentropy is None:
         entropy = varentropy = nan
     elif not all(wants_entropy):
         off = torch.tensor([not w for w in wants_entropy], device=logits.device)
         entropy, varentropy = entropy.masked_fill(off, math.nan), varentropy.masked_fill(off, math.nan)
-    sampling_logprob = nan if all(p.greedy for p in params) else nan.clone()
     failed: dict[int, Exception] = {}
+    sampling_logprob = nan if given is not None or all(p.greedy for p in params) else nan.clone()
     for k, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
+        if not p.greedy and given is None:
             try:
                 drawn, lp = sample_token(logits[k], p, gen)
             except Exception as exc:  # noqa: BLE001 - this row's failure, reported to its consumer
@@ -270,30 +277,10 @@ def forced_token_stats(logits: torch.Tensor, token_ids: list[int], params: Gener
     ``logits`` [T, V] is the distribution ``token_ids[i]`` was drawn from.
     Same quantities and layout as :func:`next_token_stats`, for T rows at
     once with one host sync."""
-    logits = logits.detach().float()  # as batch_token_stats: no gradient
-    rows = logits.shape[0]
-    nan = logits.new_full((rows, 1), math.nan)
-    target = torch.tensor(token_ids, device=logits.device)[:, None]
-    n_top = min(max(params.top_logprobs, params.confidence_k), logits.shape[-1])
-    if n_top:
-        top_values, top_ids = top_k(logits, n_top)
-        peak = top_values[:, 0]
-    else:
-        peak = logits.amax(dim=-1)
-    # As batch_token_stats; fresh blocks, as T can be a whole prompt.
-    shift, entropy, varentropy = log_normaliser(logits, peak, torch.empty_like(logits), torch.empty_like(logits), spread=params.entropy)
-    shift = shift[:, None]
-    chosen = logits.gather(1, target) - shift
-    parts = [target.to(logits.dtype), chosen, entropy[:, None] if entropy is not None else nan]
-    if n_top:
-        top_values = top_values - shift
-    parts.append(-top_values[:, : params.confidence_k].mean(-1, keepdim=True) if params.confidence_k else nan)
-    parts += [nan, varentropy[:, None] if varentropy is not None else nan]
-    k = params.top_logprobs
-    if k:
-        parts += [top_values[:, :k], top_ids[:, :k].to(logits.dtype)]
-    packed = torch.cat(parts, dim=1).double().tolist()  # the one host sync
-    return [unpack_stats(row) for row in packed]
+    if not token_ids:
+        return []
+    packed, _ = batch_token_stats(logits, [params] * len(token_ids), [None] * len(token_ids), tokens=token_ids)
+    return [unpack_stats(row) for row in packed.tolist()]  # the one host sync
 
 
 def position_scores(logits: torch.Tensor, positions: list[int], token_ids: list[int], top: int, *, entropy: bool = True,
