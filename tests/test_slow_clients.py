@@ -136,7 +136,7 @@ def served(*args: str):
 def test_a_stream_keeps_its_pace_while_others_post_huge_prompts(sizes):
     # The server runs in its own process, as deployed: in the test's process
     # the client threads below would share the server's GIL, which no client
-    # of a real server does. For the same reason the six bodies are encoded
+    # of a real server does. For the same reason the bodies are encoded
     # before the stream starts: the SDK serializing megabytes of JSON while the
     # stream runs was the clients' CPU on the server's two cores (and held
     # the GIL of the thread that times the tokens), not the server's work.
